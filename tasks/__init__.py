@@ -1,0 +1,40 @@
+"""The contract between producers and GPU workers.
+
+Imports celery and pydantic only (never torch): a web backend installs just this package.
+"""
+
+from tasks.errors import (
+    DeliveryLimitExceeded,
+    DeviceError,
+    DeviceLost,
+    InvalidLora,
+    InvalidRequest,
+    LoraNotFound,
+    OutOfMemory,
+    StorageUnavailable,
+    TransientError,
+    WorkerError,
+)
+from tasks.names import GENERATE
+from tasks.schemas import GenerationRequest, GenerationResult, Limits, resolve_prompts, validate_request
+from tasks.settings import Settings
+
+__all__ = [
+    "GENERATE",
+    "DeliveryLimitExceeded",
+    "DeviceError",
+    "DeviceLost",
+    "GenerationRequest",
+    "GenerationResult",
+    "InvalidLora",
+    "InvalidRequest",
+    "Limits",
+    "LoraNotFound",
+    "OutOfMemory",
+    "Settings",
+    "StorageUnavailable",
+    "TransientError",
+    "WorkerError",
+    "resolve_prompts",
+    "validate_request",
+]

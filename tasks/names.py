@@ -1,0 +1,3 @@
+"""Task names: the only strings producers and workers must agree on."""
+
+GENERATE = "chroma.generate"

@@ -1,0 +1,334 @@
+"""Request and result schemas: the reference API's field names, defaults and limits.
+
+Validation happens twice with the same code: in the producer before anything is enqueued and in
+the worker before any GPU work. ``validate_request`` is the one entry point; it turns every
+problem into ``InvalidRequest`` naming the field (``prompts.0.width``) and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import InvalidRequest
+
+KNOWN_MODELS = ("chroma",)
+SIZE_MULTIPLE = 32
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_SEED_BASE = 42
+MAX_SEED = 2**63 - 1
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; the worker's copy comes from ``Settings`` (see tasks.settings)."""
+
+    max_prompts: int = 16
+    max_loras: int = 4
+    max_steps: int = 150
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 4000
+    max_request_bytes: int = 256 * 1024
+    allowed_buckets: tuple[str, ...] = ()
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class LoraSpec(BaseModel):
+    model_config = _STRICT
+
+    path: str = Field(min_length=1, max_length=1024)
+    network_multiplier: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 1.0
+    # Accepted for reference compatibility; only meaningful for mixture-of-experts models.
+    transformer: None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_shape(cls, value: str) -> str:
+        check_lora_path_shape(value)
+        return value
+
+
+class PromptSpec(BaseModel):
+    model_config = _STRICT
+
+    prompt: str = Field(min_length=1)
+    trigger_word: str | None = None
+    width: Annotated[int, Field(ge=64, le=4096)] = DEFAULT_SIZE
+    height: Annotated[int, Field(ge=64, le=4096)] = DEFAULT_SIZE
+    sample_steps: Annotated[int, Field(ge=1, le=150)] = DEFAULT_STEPS
+    guidance_scale: Annotated[Finite, Field(ge=0.0, le=20.0)] = DEFAULT_GUIDANCE
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None
+    neg: str = ""
+    # Reference fields that have one meaning for Chroma: accepted when left at their default.
+    sampler: Literal["flowmatch"] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank; write the text to generate")
+        return value
+
+
+class GenerationRequest(BaseModel):
+    model_config = _STRICT
+
+    model: str
+    prompts: list[PromptSpec] = Field(min_length=1)
+    loras: list[LoraSpec] = Field(default_factory=list)
+    trigger_word: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    # Secrets never travel in requests: workers read hub tokens from their environment.
+    hf_token: None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in KNOWN_MODELS:
+            raise ValueError(f"unknown model {value!r}; known models: {', '.join(KNOWN_MODELS)}")
+        return value
+
+
+@dataclass(frozen=True)
+class ResolvedPrompt:
+    """One prompt with every default applied: exactly what the engine renders."""
+
+    index: int
+    prompt: str
+    neg: str
+    width: int
+    height: int
+    sample_steps: int
+    guidance_scale: float
+    seed: int
+
+
+def check_lora_path_shape(path: str) -> None:
+    """Reject anything but a relative key or an ``s3://bucket/key`` URI, with no traversal."""
+    if "\x00" in path or "\\" in path:
+        raise ValueError("LoRA path contains a NUL or backslash; use a plain key like 'job/lora.safetensors'")
+    key = path
+    if _SCHEME.match(path):
+        match = _S3_URI.match(path)
+        if not match:
+            raise ValueError(
+                "LoRA path must be a key relative to the LoRA prefix or s3://bucket/key; "
+                "other URL schemes are not fetched"
+            )
+        key = match.group("key")
+    if key.startswith("/"):
+        raise ValueError("LoRA path is absolute; give a key relative to the LoRA prefix")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("LoRA path has an empty, '.' or '..' segment; give a plain key without traversal")
+    if not key.endswith(".safetensors"):
+        raise ValueError("LoRA path must name a .safetensors file (nothing pickled is loaded)")
+
+
+def lora_bucket(path: str) -> str | None:
+    """The bucket an ``s3://`` LoRA path names, or None for a key under the configured prefix."""
+    match = _S3_URI.match(path)
+    return match.group("bucket") if match else None
+
+
+def validate_request(data: Any, limits: Limits | None = None) -> GenerationRequest:
+    """Parse and check a request (dict, JSON text or model) against the schema and ``limits``."""
+    limits = limits or Limits()
+    if isinstance(data, GenerationRequest):
+        data = data.model_dump(mode="json", exclude_none=True)
+    if isinstance(data, str | bytes):
+        if len(data) > limits.max_request_bytes:
+            raise InvalidRequest(
+                f"request is {len(data)} bytes; the limit is {limits.max_request_bytes}", field="request"
+            )
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidRequest(f"request is not valid JSON: {exc}", field="request") from exc
+    elif isinstance(data, dict):
+        size = len(json.dumps(data, default=str))
+        if size > limits.max_request_bytes:
+            raise InvalidRequest(
+                f"request is {size} bytes; the limit is {limits.max_request_bytes}", field="request"
+            )
+    if not isinstance(data, dict):
+        raise InvalidRequest("request must be a JSON object", field="request")
+    try:
+        request = GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _translate(exc) from None
+    _check_limits(request, limits)
+    return request
+
+
+def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
+    """Apply defaults: trigger words, size snapping, seeds (omitted: 42 + index; -1: random)."""
+    out = []
+    for index, spec in enumerate(request.prompts):
+        trigger = spec.trigger_word if spec.trigger_word is not None else request.trigger_word
+        text = spec.prompt.replace("[trigger]", trigger) if trigger is not None else spec.prompt
+        if spec.seed is None:
+            seed = DEFAULT_SEED_BASE + index
+        elif spec.seed == -1:
+            seed = secrets.randbelow(2**32)
+        else:
+            seed = spec.seed
+        out.append(
+            ResolvedPrompt(
+                index=index,
+                prompt=text,
+                neg=spec.neg,
+                width=snap_size(spec.width),
+                height=snap_size(spec.height),
+                sample_steps=spec.sample_steps,
+                guidance_scale=spec.guidance_scale,
+                seed=seed,
+            )
+        )
+    return out
+
+
+def snap_size(value: int) -> int:
+    """Floor to a multiple of 32, as the reference does (1000 -> 992)."""
+    return max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+
+def _check_limits(request: GenerationRequest, limits: Limits) -> None:
+    if len(request.prompts) > limits.max_prompts:
+        raise InvalidRequest(
+            f"{len(request.prompts)} prompts; send at most {limits.max_prompts} per request", field="prompts"
+        )
+    if len(request.loras) > limits.max_loras:
+        raise InvalidRequest(
+            f"{len(request.loras)} LoRAs; stack at most {limits.max_loras} per request", field="loras"
+        )
+    for i, spec in enumerate(request.prompts):
+        where = f"prompts.{i}"
+        if len(spec.prompt) > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt has {len(spec.prompt)} characters; the limit is {limits.max_prompt_chars}",
+                field=f"{where}.prompt",
+            )
+        if spec.sample_steps > limits.max_steps:
+            raise InvalidRequest(
+                f"{spec.sample_steps} steps; the limit is {limits.max_steps}", field=f"{where}.sample_steps"
+            )
+        for name in ("width", "height"):
+            if getattr(spec, name) > limits.max_side:
+                raise InvalidRequest(f"must be at most {limits.max_side}", field=f"{where}.{name}")
+        pixels = snap_size(spec.width) * snap_size(spec.height)
+        if pixels > limits.max_pixels:
+            raise InvalidRequest(
+                f"{snap_size(spec.width)}x{snap_size(spec.height)} is {pixels} pixels; "
+                f"the limit is {limits.max_pixels}",
+                field=f"{where}.width",
+            )
+    for i, lora in enumerate(request.loras):
+        bucket = lora_bucket(lora.path)
+        if bucket is not None and bucket not in limits.allowed_buckets:
+            allowed = ", ".join(limits.allowed_buckets) or "none"
+            raise InvalidRequest(
+                f"bucket {bucket!r} is not allowed for LoRAs (allowed: {allowed}); "
+                "give a key relative to the LoRA prefix instead",
+                field=f"loras.{i}.path",
+            )
+
+
+def _translate(exc: ValidationError) -> InvalidRequest:
+    """The first pydantic error as one InvalidRequest naming the field; the rest in the message."""
+    errors = exc.errors(include_url=False)
+    messages = []
+    for err in errors:
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        messages.append(f"{field}: {_describe(err)}")
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "request"
+    message = _describe(first)
+    if len(messages) > 1:
+        message += " (also: " + "; ".join(messages[1:5]) + ")"
+    return InvalidRequest(message, field=field)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field; remove it (see the request reference in the README)"
+    if kind == "missing":
+        return "field required"
+    if kind == "none_required":
+        return f"not supported here; remove it or set it to null (got {_short(value)})"
+    if kind == "finite_number":
+        return "must be a finite number (NaN and infinity are not allowed)"
+    if kind == "value_error":
+        return str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+    msg = err["msg"]
+    if isinstance(value, float) and not math.isfinite(value):
+        msg = "must be a finite number"
+    return f"{msg} (got {_short(value)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class ImageResult(BaseModel):
+    index: int
+    prompt: str
+    neg: str
+    width: int
+    height: int
+    sample_steps: int
+    guidance_scale: float
+    seed: int
+    key: str
+    uri: str
+    sha256: str
+    bytes: int
+    content_type: str
+
+
+class LoraResult(BaseModel):
+    path: str
+    uri: str
+    etag: str | None
+    sha256: str
+    network_multiplier: float
+    layers_merged: int
+
+
+class GenerationResult(BaseModel):
+    """result.json, also the task's return value."""
+
+    task_id: str
+    status: Literal["succeeded"] = "succeeded"
+    request: dict[str, Any]
+    images: list[ImageResult]
+    loras: list[LoraResult]
+    components: dict[str, str]
+    quantization: str
+    dtype: str
+    variant: dict[str, Any]
+    versions: dict[str, str | None]
+    timings: dict[str, float]
+    worker: dict[str, Any]
+    delivery: int
+    result_key: str
+    created_at: str
