@@ -121,8 +121,11 @@ class ResolvedPrompt:
 
 def check_lora_path_shape(path: str) -> None:
     """Reject anything but a relative key or an ``s3://bucket/key`` URI, with no traversal."""
-    if "\x00" in path or "\\" in path:
-        raise ValueError("LoRA path contains a NUL or backslash; use a plain key like 'job/lora.safetensors'")
+    if "\\" in path or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path):
+        raise ValueError(
+            "LoRA path contains a backslash or a control character (NUL, newline, ...); "
+            "use a plain key like 'job/lora.safetensors'"
+        )
     key = path
     if _SCHEME.match(path):
         match = _S3_URI.match(path)

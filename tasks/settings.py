@@ -64,13 +64,14 @@ class Settings(BaseSettings):
     text_encoder: str = "ostris/Flex.1-alpha/text_encoder_2"
     tokenizer: str = "ostris/Flex.1-alpha/tokenizer_2"
     vae: str = "ostris/Flex.1-alpha/vae"
-    quantization: Literal["float8", "none", "float8-fast"] = "float8"
+    quantization: Literal["float8", "none"] = "float8"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     compile: bool = Field(True, description="torch.compile the transformer on CUDA")
     warmup_sizes: str = "1024x1024"
     variant_cache_bytes: int = Field(0, ge=0, description="device bytes for fused variants; 0 = auto")
     rope_axes: str = Field("", description="RoPE axis split, e.g. '16,56,56'; empty = inferred")
+    text_padding: Literal["auto", "mask", "drop"] = "auto"
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> Settings:

@@ -1,0 +1,114 @@
+"""The Celery app shared by producers and workers, configured for DESIGN section 6.
+
+``make_celery(settings)`` builds an app from explicit settings (tests, embedding); ``get_app()``
+builds the process-wide one from ``Settings()`` on first use. Neither connects to anything: Celery
+opens broker and backend connections lazily, on the first send, poll or worker start.
+
+Queue semantics:
+
+- JSON only, both ways (no pickle): a message or a stored result that is not JSON is refused.
+- At-least-once: late acknowledgement, requeue when the worker process is lost, prefetch 1, and a
+  Redis visibility timeout longer than the hard time limit (``Settings`` enforces the order), so
+  Redis never redelivers a task that is still running. Bounding redeliveries is the worker's job
+  (``Settings.max_deliveries``).
+- One generation at a time per worker process (``worker_concurrency=1``; the worker command
+  adds ``--pool solo``).
+
+Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` with a
+``ProgressMeta`` dict; ``tasks.producer.wait`` and the CLI show it.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from celery import Celery
+
+from tasks.names import GENERATE
+from tasks.settings import Settings
+
+PROGRESS_STATE = "PROGRESS"
+
+# Seconds between the soft time limit (SoftTimeLimitExceeded raised in the task, which can still
+# clean up and report) and the hard one (the process is killed).
+SOFT_LIMIT_MARGIN = 60
+REDIS_HEALTH_CHECK_INTERVAL = 25
+REDIS_CONNECT_TIMEOUT = 10
+
+
+class ProgressMeta(TypedDict):
+    """The meta of a ``PROGRESS`` state. ``prompt`` is 1-based; ``stage`` names what runs now
+    (for example ``download``, ``variant``, ``encode``, ``denoise``, ``decode``, ``upload``)."""
+
+    prompt: int
+    prompts: int
+    step: int
+    steps: int
+    stage: str
+
+
+def progress_meta(prompt: int, prompts: int, step: int, steps: int, stage: str) -> ProgressMeta:
+    """The meta a task stores with ``update_state(state=PROGRESS_STATE, meta=...)``."""
+    return {"prompt": prompt, "prompts": prompts, "step": step, "steps": steps, "stage": stage}
+
+
+def soft_time_limit(hard_limit: int) -> int:
+    """A little below the hard limit: a minute, or a tenth of it for short limits."""
+    return hard_limit - min(SOFT_LIMIT_MARGIN, max(1, hard_limit // 10))
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for ``settings``; nothing connects until it is used."""
+    app = Celery("chroma_worker", broker=settings.broker_url, backend=settings.result_backend)
+    app.conf.update(
+        # Serialization: JSON only, for messages and for stored results.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # At-least-once delivery.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_keepalive": True,
+            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+            "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        },
+        # Result backend (Redis): same keepalive and health check as the broker connection.
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        redis_socket_keepalive=True,
+        redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        redis_backend_health_check_interval=REDIS_HEALTH_CHECK_INTERVAL,
+        redis_retry_on_timeout=True,
+        result_expires=settings.result_expires,
+        result_extended=True,
+        task_track_started=True,
+        # Limits: the visibility timeout exceeds the hard limit (checked by Settings).
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=soft_time_limit(settings.task_time_limit),
+        task_default_rate_limit=None,
+        # Routing: one queue, named by the settings.
+        task_default_queue=settings.queue,
+        task_routes={GENERATE: {"queue": settings.queue}},
+        # One generation at a time per worker process (one process per GPU).
+        worker_concurrency=1,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_app() -> Celery:
+    """The process-wide app, built from ``Settings()`` (the environment) on first use."""
+    global _app
+    if _app is None:
+        _app = make_celery(Settings())
+    return _app

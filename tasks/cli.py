@@ -1,0 +1,312 @@
+"""The ``chroma-worker`` command: validate, submit, follow, run locally, start a worker.
+
+Only ``run`` and ``worker`` reach the GPU side, and only when called: ``validate``, ``submit`` and
+``status`` import celery and pydantic alone, so the command works on a web backend's machine.
+
+Exit codes: 0 ok; 2 invalid request (or bad usage); 1 anything else that failed (the task, the
+broker, the settings); 130 interrupted. Expected errors print one line on stderr, ``error: ...``,
+naming the field; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from tasks.errors import InvalidRequest, WorkerError
+from tasks.producer import app_for, status, submit, wait
+from tasks.schemas import DEFAULT_SEED_BASE, GenerationRequest, PromptSpec, snap_size, validate_request
+from tasks.settings import Settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Chroma image generation with LoRAs, served by Celery GPU workers.
+
+A request is a JSON object, for example:
+
+  {"model": "chroma", "trigger_word": "sks",
+   "prompts": [{"prompt": "[trigger] a photo of a person", "width": 1024, "height": 1024,
+                "seed": 42, "sample_steps": 25, "guidance_scale": 4.0}],
+   "loras": [{"path": "my_lora_job/my_lora.safetensors", "network_multiplier": 1.0}]}
+
+Settings come from CHROMA_* environment variables (CHROMA_BROKER_URL, CHROMA_RESULT_BACKEND,
+CHROMA_QUEUE, CHROMA_MAX_PROMPTS, ...; see the README).
+"""
+
+EPILOG = """\
+exit codes: 0 ok, 2 invalid request or usage, 1 task or infrastructure failure, 130 interrupted.
+
+examples:
+  chroma-worker validate request.json
+  chroma-worker submit request.json --wait --timeout 900
+  chroma-worker status 3f0c...
+  chroma-worker run request.json --lora-dir ./loras --out ./out
+  chroma-worker worker --loglevel INFO --hostname gpu0@%h
+"""
+
+WORKER_HELP = """\
+Replace this process (os.execvp) with
+
+  python -m celery -A worker worker --pool solo -Q $CHROMA_QUEUE --concurrency 1 [ARGS...]
+
+Every further argument goes to `celery worker` unchanged (e.g. --loglevel INFO, --hostname
+gpu0@%h); start one such process per GPU. Needs the worker extras installed.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command != "worker" and extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    args.celery_args = extra[1:] if extra[:1] == ["--"] else extra
+    try:
+        return int(args.handler(args))
+    except InvalidRequest as exc:
+        print_error(f"{exc.field or 'request'}: {exc.message}")
+        return EXIT_INVALID
+    except WorkerError as exc:
+        print_error(f"{exc.code}: {exc}")
+        return EXIT_FAILED
+    except TimeoutError as exc:
+        print_error(f"timeout: {exc}")
+        return EXIT_FAILED
+    except ValidationError as exc:  # only Settings() raises it here: requests raise InvalidRequest
+        print_error(f"settings: {describe_settings_error(exc)}")
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chroma-worker",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a request without sending it",
+        description="Check a request against the schema and the CHROMA_* limits, then print what would "
+        "run: each prompt's effective size, steps, guidance and seed rule, and the LoRAs. "
+        "Exit 0 when valid, 2 with 'error: <field>: <message>' when not.",
+    )
+    validate.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
+    validate.set_defaults(handler=command_validate)
+
+    send = commands.add_parser(
+        "submit",
+        help="validate a request and enqueue it",
+        description="Validate a request, enqueue it and print the task id. With --wait, show progress on "
+        "stderr and print the output URIs and the result.json key when it is done.",
+    )
+    send.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
+    send.add_argument("--wait", action="store_true", help="wait for the result, showing progress")
+    send.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S s")
+    send.add_argument("--task-id", default=None, metavar="ID", help="task id to use (default: a new uuid4)")
+    send.set_defaults(handler=command_submit)
+
+    show = commands.add_parser(
+        "status", help="print a task's state as JSON", description="Print {state, meta} for a task."
+    )
+    show.add_argument("task_id", metavar="TASK_ID")
+    show.set_defaults(handler=command_status)
+
+    local = commands.add_parser(
+        "run",
+        help="generate locally, without broker or S3 (needs the worker extras)",
+        description="Run one request on this machine: LoRA paths are read under --lora-dir, images and "
+        "result.json are written to --out. No broker, no object storage.",
+    )
+    local.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
+    local.add_argument(
+        "--lora-dir", required=True, type=Path, metavar="DIR", help="folder the LoRA paths are relative to"
+    )
+    local.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder for images and result.json"
+    )
+    local.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)")
+    local.set_defaults(handler=command_run)
+
+    worker = commands.add_parser(
+        "worker",
+        help="start a GPU worker (celery worker, solo pool, one task at a time)",
+        description=WORKER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="chroma-worker worker [CELERY WORKER ARGS ...]",
+    )
+    worker.set_defaults(handler=command_worker)
+    return parser
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    settings = Settings()
+    request = validate_request(read_request(args.request), settings.limits)
+    print("\n".join(describe_request(request)))
+    return EXIT_OK
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    settings = Settings()
+    task_id = submit(read_request(args.request), settings=settings, task_id=args.task_id)
+    print(task_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    bar = ProgressBar(sys.stderr)
+    try:
+        result = wait(task_id, app=app_for(settings), on_progress=bar, timeout=args.timeout)
+    except KeyboardInterrupt:
+        bar.close()
+        print_error(f"interrupted; task {task_id} keeps running (chroma-worker status {task_id})")
+        return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+    print("\n".join(describe_result(result)))
+    return EXIT_OK
+
+
+def command_status(args: argparse.Namespace) -> int:
+    print(json.dumps(status(args.task_id, app=app_for(Settings())), indent=2, default=str))
+    return EXIT_OK
+
+
+def command_run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    # Validate before importing the GPU side: a bad request fails fast, torch-free.
+    args.request_text = read_request(args.request)
+    validate_request(args.request_text, settings.limits)
+    try:
+        from worker import local
+    except ModuleNotFoundError as exc:
+        print_error(
+            f"run needs the worker extras (missing module {exc.name}): pip install 'chroma-worker[worker]'"
+        )
+        return EXIT_FAILED
+    return int(local.main_run(args))
+
+
+def command_worker(args: argparse.Namespace) -> int:
+    argv = worker_argv(Settings().queue, args.celery_args)
+    print(f"exec: {' '.join(argv)}", file=sys.stderr, flush=True)
+    os.execvp(argv[0], argv)
+    return EXIT_FAILED  # not reached: execvp replaces the process or raises
+
+
+def worker_argv(queue: str, celery_args: list[str]) -> list[str]:
+    """``celery worker`` for one GPU: this interpreter, solo pool, one task at a time."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        "--pool", "solo", "-Q", queue, "--concurrency", "1",
+        *celery_args,
+    ]  # fmt: skip
+
+
+def read_request(path: str) -> str:
+    """The request text from a file or stdin (``-``); unreadable -> InvalidRequest."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="request") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{path} is not UTF-8 text ({exc.reason})", field="request") from exc
+
+
+def describe_request(request: GenerationRequest) -> list[str]:
+    loras = f"{len(request.loras)} LoRA" + ("" if len(request.loras) == 1 else "s")
+    prompts = f"{len(request.prompts)} prompt" + ("" if len(request.prompts) == 1 else "s")
+    lines = [f"ok: model {request.model}, {prompts}, {loras}, {request.output_format} output"]
+    for index, spec in enumerate(request.prompts):
+        lines.append(f"prompts.{index}: {describe_prompt(request, index, spec)}")
+    for index, lora in enumerate(request.loras):
+        lines.append(f"loras.{index}: {lora.path} x{lora.network_multiplier:g}")
+    return lines
+
+
+def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) -> str:
+    width, height = snap_size(spec.width), snap_size(spec.height)
+    size = f"{width}x{height}"
+    if (width, height) != (spec.width, spec.height):
+        size += f" (from {spec.width}x{spec.height})"
+    if spec.seed is None:
+        seed = f"seed {DEFAULT_SEED_BASE + index} (42 + index)"
+    elif spec.seed == -1:
+        seed = "seed random (reported in the result)"
+    else:
+        seed = f"seed {spec.seed}"
+    cfg = "" if spec.guidance_scale > 1 else " (no CFG)"
+    trigger = spec.trigger_word if spec.trigger_word is not None else request.trigger_word
+    text = spec.prompt.replace("[trigger]", trigger) if trigger is not None else spec.prompt
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{size}, {spec.sample_steps} steps, guidance {spec.guidance_scale:g}{cfg}, {seed}: {text!r}"
+
+
+def describe_result(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for image in result.get("images", []):
+        where = image.get("uri") or image.get("key")
+        size = f"{image.get('width')}x{image.get('height')}"
+        lines.append(f"image {image.get('index')}: {where} ({size}, seed {image.get('seed')})")
+    lines.append(f"result.json: {result.get('result_key')}")
+    return lines
+
+
+class ProgressBar:
+    """``prompt i/n  step s/t [#####.....] stage`` on one redrawn line (a line per update off a tty)."""
+
+    WIDTH = 20
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.redraw = stream.isatty()
+        self.open = False
+
+    def __call__(self, meta: dict[str, Any]) -> None:
+        self.stream.write(
+            ("\r" if self.redraw else "") + format_progress(meta) + ("" if self.redraw else "\n")
+        )
+        self.stream.flush()
+        self.open = self.redraw
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def format_progress(meta: dict[str, Any]) -> str:
+    """One progress line for a ``PROGRESS_STATE`` meta (see ``tasks.app.ProgressMeta``)."""
+    step, steps = int(meta.get("step", 0)), int(meta.get("steps", 0))
+    filled = round(ProgressBar.WIDTH * step / steps) if steps > 0 else 0
+    bar = "#" * filled + "." * (ProgressBar.WIDTH - filled)
+    line = f"prompt {meta.get('prompt', '?')}/{meta.get('prompts', '?')}  step {step}/{steps} [{bar}]"
+    stage = meta.get("stage")
+    return f"{line} {stage}" if stage else line
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    name = "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+    return f"{name}: {error['msg']}"
+
+
+def print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""The Chroma transformer in the checkpoint's own layout (fused ``qkv`` and ``linear1``).
+
+Parameter names are the original ones (``double_blocks.0.img_attn.qkv.weight``), so the single-file
+Chroma1-Base checkpoint and ai-toolkit LoRAs (``diffusion_model.<same names>.lora_A.weight``) load
+and merge without renaming, and each fused projection stays one matrix product. The arithmetic
+follows ai-toolkit's Chroma module op for op (bf16 rounding of the timestep, float32 RoPE, the
+modulation layout), so it is the same function in float32 and the same rounding in bf16.
+
+Text padding: ai-toolkit lets every real text token, plus one padding token, attend; the other
+padding tokens are masked out as both queries and keys, so they never touch the image. Dropping
+them before the transformer (``keep_text_tokens``) computes the same output without any mask and is
+how the engine runs; ``text_mask`` keeps the masked full-length form for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+APPROXIMATOR_IN = 64  # 16 timestep + 16 guidance + 32 modulation-index channels
+
+
+@dataclass(frozen=True)
+class ChromaConfig:
+    in_channels: int = 64
+    context_dim: int = 4096
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    depth: int = 19
+    depth_single: int = 38
+    approximator_hidden: int = 5120
+    approximator_depth: int = 5
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_modulations(self) -> int:
+        return 3 * self.depth_single + 2 * 6 * self.depth + 2
+
+
+def default_axes(head_dim: int) -> tuple[int, ...]:
+    """RoPE split for a head size: Chroma's (16, 56, 56) at 128, scaled when that stays even."""
+    if head_dim % 16 == 0 and (head_dim * 7 // 16) % 2 == 0:
+        return (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+    quarter = head_dim // 4
+    return (quarter, quarter, head_dim - 2 * quarter)
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> ChromaConfig:
+    """Architecture from tensor shapes (original key names), so tiny and full-size load alike."""
+
+    def count(prefix: str) -> int:
+        ids = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".")}
+        return max(ids) + 1 if ids else 0
+
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    approx_layers = {int(k.split(".")[2]) for k in shapes if k.startswith("distilled_guidance_layer.layers.")}
+    axes = tuple(axes_dim) if axes_dim else default_axes(head_dim)
+    if sum(axes) != head_dim or any(a % 2 for a in axes):
+        raise ValueError(f"RoPE axes {axes} must be even and sum to the head size {head_dim}")
+    return ChromaConfig(
+        in_channels=in_channels,
+        context_dim=shapes["txt_in.weight"][1],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / hidden,
+        depth=count("double_blocks"),
+        depth_single=count("single_blocks"),
+        approximator_hidden=shapes["distilled_guidance_layer.in_proj.weight"][0],
+        approximator_depth=max(approx_layers) + 1,
+        axes_dim=axes,
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.scale.shape, weight=self.scale, eps=1e-6)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    """Holds the weights only; the double block runs the joint attention itself."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(dim, dim, bias=True)
+        self.out_layer = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Approximator(nn.Module):
+    """Maps (timestep, guidance, modulation index) to every block's shift/scale/gate vector."""
+
+    def __init__(self, out_dim: int, hidden: int, depth: int):
+        super().__init__()
+        self.in_proj = nn.Linear(APPROXIMATOR_IN, hidden, bias=True)
+        self.layers = nn.ModuleList([MLPEmbedder(hidden) for _ in range(depth)])
+        self.norms = nn.ModuleList([RMSNorm(hidden) for _ in range(depth)])
+        self.out_proj = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.in_proj(x.to(self.in_proj.weight.dtype))
+        for layer, norm in zip(self.layers, self.norms, strict=True):
+            x = x + layer(norm(x))
+        return self.out_proj(x)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, time_factor: float = 1000.0) -> Tensor:
+    t = time_factor * t  # in t's own dtype: a bf16 timestep rounds here, as in the reference
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return embedding.to(t) if torch.is_floating_point(t) else embedding
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)
+    out = pos.to(torch.float64)[..., None] * omega
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return out.reshape(*out.shape[:-1], 2, 2).float()
+
+
+def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
+    """(B, L, 3) position ids -> (B, 1, L, head_dim/2, 2, 2) rotation matrices."""
+    emb = torch.cat([rope(ids[..., i], axes_dim[i], theta) for i in range(ids.shape[-1])], dim=-3)
+    return emb.unsqueeze(1)
+
+
+def apply_rope(xq: Tensor, xk: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
+    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
+    xq_out = freqs[..., 0] * xq_[..., 0] + freqs[..., 1] * xq_[..., 1]
+    xk_out = freqs[..., 0] * xk_[..., 0] + freqs[..., 1] * xk_[..., 1]
+    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None) -> Tensor:
+    q, k = apply_rope(q, k, pe)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L, 3*H*D) -> three (B, H, L, D)."""
+    batch, length, _ = qkv.shape
+    q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return (1 + scale) * x + shift
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        dim, mlp = cfg.hidden_size, cfg.mlp_hidden
+        self.num_heads = cfg.num_heads
+        self.img_attn = SelfAttention(dim, cfg.num_heads)
+        self.txt_attn = SelfAttention(dim, cfg.num_heads)
+        self.img_mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, dim))
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, dim))
+
+    def forward(
+        self, img: Tensor, txt: Tensor, pe: Tensor, img_mod: Tensor, txt_mod: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod.split(1, dim=1)
+        dim = img.shape[-1]
+
+        img_q, img_k, img_v = split_heads(
+            self.img_attn.qkv(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)),
+            self.num_heads,
+        )
+        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
+        txt_q, txt_k, txt_v = split_heads(
+            self.txt_attn.qkv(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)),
+            self.num_heads,
+        )
+        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
+
+        q = torch.cat((txt_q, img_q), dim=2)
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q, k, v, pe, mask)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * self.img_mlp(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * self.txt_mlp(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift2, t_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        dim, mlp = cfg.hidden_size, cfg.mlp_hidden
+        self.num_heads = cfg.num_heads
+        self.linear1 = nn.Linear(dim, dim * 3 + mlp)
+        self.linear2 = nn.Linear(dim + mlp, dim)
+        self.norm = QKNorm(cfg.head_dim)
+
+    def forward(self, x: Tensor, pe: Tensor, mod: Tensor, mask: Tensor | None) -> Tensor:
+        shift, scale, gate = mod.split(1, dim=1)
+        dim = x.shape[-1]
+        x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
+        qkv, mlp = torch.split(self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, pe, mask)
+        return x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        self.linear = nn.Linear(cfg.hidden_size, cfg.in_channels, bias=True)
+
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = mod[:, 0:1], mod[:, 1:2]
+        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+
+
+class ChromaTransformer(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.img_in = nn.Linear(cfg.in_channels, cfg.hidden_size, bias=True)
+        self.txt_in = nn.Linear(cfg.context_dim, cfg.hidden_size)
+        self.distilled_guidance_layer = Approximator(
+            cfg.hidden_size, cfg.approximator_hidden, cfg.approximator_depth
+        )
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(cfg) for _ in range(cfg.depth)])
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.depth_single)])
+        self.final_layer = LastLayer(cfg)
+        self.register_buffer("mod_index", torch.arange(cfg.num_modulations), persistent=False)
+
+    def modulations(self, timestep: Tensor, guidance: Tensor) -> Tensor:
+        """(B,) timestep/1000 and guidance -> (B, num_modulations, hidden)."""
+        batch = timestep.shape[0]
+        t_emb = timestep_embedding(timestep, 16)
+        g_emb = timestep_embedding(guidance, 16)
+        index = timestep_embedding(self.mod_index, 32).unsqueeze(0).repeat(batch, 1, 1)
+        tg = torch.cat([t_emb, g_emb], dim=1).unsqueeze(1).repeat(1, self.cfg.num_modulations, 1)
+        return self.distilled_guidance_layer(torch.cat([tg, index], dim=-1))
+
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        pe: Tensor,
+        timestep: Tensor,
+        guidance: Tensor,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
+        """img (B, N, C) packed latents; txt (B, T, context); pe from ``position_embedding``.
+
+        ``text_mask`` (B, T) bool, already including the one extra padding token; None means every
+        text token given attends (the caller dropped the rest).
+        """
+        cfg = self.cfg
+        img = self.img_in(img)
+        txt = self.txt_in(txt)
+        mods = self.modulations(timestep, guidance)
+        single_end = 3 * cfg.depth_single
+        img_mods = mods[:, single_end : single_end + 6 * cfg.depth]
+        txt_mods = mods[:, single_end + 6 * cfg.depth : single_end + 12 * cfg.depth]
+
+        mask = None
+        if text_mask is not None:
+            tokens = torch.cat([text_mask, text_mask.new_ones(img.shape[0], img.shape[1])], dim=1)
+            mask = (tokens[:, :, None] & tokens[:, None, :]).unsqueeze(1)
+
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(
+                img, txt, pe, img_mods[:, 6 * i : 6 * i + 6], txt_mods[:, 6 * i : 6 * i + 6], mask
+            )
+        x = torch.cat((txt, img), 1)
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, pe, mods[:, 3 * i : 3 * i + 3], mask)
+        x = x[:, txt.shape[1] :]
+        return self.final_layer(x, mods[:, -2:])

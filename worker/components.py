@@ -1,0 +1,88 @@
+"""Where components come from and how the LoRA-independent ones load.
+
+A source is a local path, a hub ``org/repo``, a hub folder ``org/repo/subfolder`` or a hub file
+``org/repo/file.safetensors``. Hub sources resolve through the local Hugging Face cache and are
+downloaded only when missing there (``HF_HUB_OFFLINE=1`` forbids even that), so a node can run
+from pre-staged files. T5, its tokenizer and the VAE do not depend on the LoRA: they load once per
+worker and every fused variant shares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sources:
+    transformer: str
+    text_encoder: str
+    tokenizer: str
+    vae: str
+
+
+def resolve(source: str) -> Path:
+    """A local path for ``source``, downloading from the hub only if it is not cached."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return local
+    parts = source.strip("/").split("/")
+    if len(parts) < 2 or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"component source {source!r} is neither an existing path nor a hub id")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo, rest = "/".join(parts[:2]), "/".join(parts[2:])
+    if rest.endswith((".safetensors", ".json")):
+        return Path(hf_hub_download(repo_id=repo, filename=rest))
+    root = Path(snapshot_download(repo_id=repo, allow_patterns=[f"{rest}/*"] if rest else None))
+    return root / rest if rest else root
+
+
+def fingerprint(path: Path) -> str:
+    """Cheap content identity: sha256 over each weight file's safetensors header and size."""
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    files += sorted(path.glob("*.json")) if path.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with file.open("rb") as f:
+            if file.suffix == ".safetensors":
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header_len, 100 * 2**20)))
+            else:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import T5EncoderModel
+
+    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(path: Path, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def quantize_float8(module: torch.nn.Module) -> None:
+    """torchao float8 weight-only on every Linear: the reference's "float8", in place."""
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    quantize_(module, Float8WeightOnlyConfig())

@@ -1,0 +1,372 @@
+"""The Chroma engine: local paths in, images out. Knows nothing of Celery or S3.
+
+``Engine.load()`` reads the LoRA-independent parts once (tokenizer, T5, VAE) and the base
+transformer weights into host memory; ``Engine.generate()`` gets (or builds) the fused variant for
+the request's LoRA stack and renders each resolved prompt. Device failures are translated here:
+out-of-memory frees memory and fails the request; anything that leaves the CUDA context unusable
+becomes ``DeviceLost`` so the process can exit and be replaced.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
+from tasks.schemas import ResolvedPrompt
+from worker import sampling
+from worker.checkpoint import load_transformer
+from worker.components import (
+    Sources,
+    fingerprint,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    quantize_float8,
+    resolve,
+)
+from worker.lora import ParsedLora, parse_lora
+from worker.variants import BaseWeights, Variant, VariantCache, VariantKey, timed_build
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("float8", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (prompt index, prompts, step, steps) -> None
+ProgressFn = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    sources: Sources
+    quantization: str = "float8"
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = True
+    variant_cache_bytes: int = 0
+    rope_axes: tuple[int, ...] | None = None
+    text_padding: str = "auto"  # "mask" | "drop" | "auto" (mask on the CPU, drop on CUDA)
+
+    @classmethod
+    def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
+        axes = tuple(int(a) for a in settings.rope_axes.split(",") if a.strip()) or None
+        return cls(
+            sources=Sources(settings.transformer, settings.text_encoder, settings.tokenizer, settings.vae),
+            quantization=settings.quantization,
+            dtype=settings.dtype,
+            device=settings.device,
+            compile=settings.compile,
+            variant_cache_bytes=settings.variant_cache_bytes,
+            rope_axes=axes,
+            text_padding=settings.text_padding,
+        )
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    """A LoRA file already on local disk, identified by content."""
+
+    path: Path
+    sha256: str
+    multiplier: float
+    field: str = "loras"
+
+
+@dataclass
+class Rendered:
+    prompt: ResolvedPrompt
+    image: Image.Image
+    timings: dict[str, float]
+
+
+@dataclass
+class Generation:
+    images: list[Rendered]
+    variant: dict
+    layers_merged: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        if config.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization {config.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        self.config = config
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        if config.text_padding not in ("auto", "mask", "drop"):
+            raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
+        # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
+        # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
+        padding = config.text_padding
+        self.drop_padding = padding == "drop" or (padding == "auto" and self.device.type == "cuda")
+        self.loaded = False
+        self.fingerprints: dict[str, str] = {}
+        self.load_seconds: dict[str, float] = {}
+        self._uncond: sampling.TextEmbedding | None = None
+        self._model_fn: sampling.ModelFn = _eager
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load T5, tokenizer, VAE and the base transformer weights; idempotent."""
+        if self.loaded:
+            return
+        src = self.config.sources
+        t0 = time.perf_counter()
+        paths = {
+            name: resolve(getattr(src, name)) for name in ("transformer", "text_encoder", "tokenizer", "vae")
+        }
+        self.fingerprints = {name: fingerprint(path) for name, path in paths.items()}
+        t1 = time.perf_counter()
+        cfg, state = load_transformer(paths["transformer"], self.config.rope_axes)
+        self.base = BaseWeights(cfg, state, self.dtype, pin=self.device.type == "cuda")
+        del state
+        t2 = time.perf_counter()
+        self.tokenizer = load_tokenizer(paths["tokenizer"])
+        self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
+        if self.config.quantization == "float8":
+            quantize_float8(self.text_encoder)
+        self.vae = load_vae(paths["vae"], self.dtype, self.device)
+        t3 = time.perf_counter()
+        self.variants = VariantCache(self._variant_budget())
+        if self.config.compile and self.device.type == "cuda":
+            self._model_fn = torch.compile(_eager, dynamic=False)
+        self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
+        self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
+        self.loaded = True
+        log.info(
+            "engine ready on %s (%s, %s): %s; transformer %s",
+            self.device,
+            self.dtype,
+            self.config.quantization,
+            {k: round(v, 2) for k, v in self.load_seconds.items()},
+            cfg,
+        )
+
+    @property
+    def cfg(self):
+        return self.base.cfg
+
+    def component_info(self) -> dict[str, str]:
+        src = self.config.sources
+        return {
+            name: f"{getattr(src, name)}#{self.fingerprints.get(name, '')}"
+            for name in ("transformer", "text_encoder", "tokenizer", "vae")
+        }
+
+    # -- variants ----------------------------------------------------------------------------
+
+    def variant_key(self, loras: list[LoraInput]) -> VariantKey:
+        return VariantKey(
+            base=self.fingerprints["transformer"],
+            quantization=self.config.quantization,
+            dtype=str(self.dtype).removeprefix("torch."),
+            loras=tuple((lora.sha256, float(lora.multiplier)) for lora in loras),
+        )
+
+    def get_variant(self, loras: list[LoraInput]) -> tuple[Variant, bool]:
+        """The fused variant for this LoRA stack: (variant, cache hit)."""
+        self.load()
+        key = self.variant_key(loras)
+        cached = self.variants.get(key)
+        if cached is not None:
+            return cached, True
+        parsed = self.parse_loras(loras)
+        self.variants.make_room(self._estimate_bytes())
+        variant = self._guard(lambda: timed_build(self.base, key, parsed, self.device))
+        self.variants.put(variant)
+        log.info(
+            "built variant in %.2fs (%d merged layers)", variant.build_seconds, sum(variant.layers_merged)
+        )
+        return variant, False
+
+    def parse_loras(self, loras: list[LoraInput]) -> list[tuple[ParsedLora, float]]:
+        return [(parse_lora(lora.path, self.cfg, field=lora.field), lora.multiplier) for lora in loras]
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[ResolvedPrompt],
+        loras: list[LoraInput],
+        on_progress: ProgressFn | None = None,
+    ) -> Generation:
+        """Render every prompt with the variant for ``loras``. Raises tasks.errors on failure."""
+        self.load()
+        for p in prompts:
+            if p.width % 32 or p.height % 32:
+                raise InvalidRequest(
+                    "size must be a multiple of 32 (resolve_prompts snaps it)", field="prompts"
+                )
+        t0 = time.perf_counter()
+        variant, hit = self.get_variant(loras)
+        timings = {"variant": time.perf_counter() - t0}
+        rendered = []
+        for p in prompts:
+            step_cb = None
+            if on_progress is not None:
+
+                def step_cb(step: int, total: int, _i: int = p.index) -> None:
+                    on_progress(_i, len(prompts), step, total)
+
+            rendered.append(self._guard(lambda p=p, cb=step_cb: self.render(variant, p, cb)))
+        info = {
+            "cache_hit": hit,
+            "build_seconds": round(variant.build_seconds, 4),
+            "variants_cached": len(self.variants),
+            "cache_bytes": self.variants.nbytes,
+            "evictions": self.variants.evictions,
+            "key": {
+                "base": variant.key.base,
+                "quantization": variant.key.quantization,
+                "dtype": variant.key.dtype,
+                "loras": [list(item) for item in variant.key.loras],
+            },
+        }
+        return Generation(rendered, info, list(variant.layers_merged), timings)
+
+    def render(
+        self, variant: Variant, p: ResolvedPrompt, on_step: sampling.StepCallback | None = None
+    ) -> Rendered:
+        """One image: encode, denoise, decode."""
+        sync = self._sync
+        t0 = time.perf_counter()
+        cond = sampling.encode_text(self.tokenizer, self.text_encoder, p.prompt)
+        uncond = self._uncond if p.guidance_scale > 1.00001 else None
+        sync()
+        t1 = time.perf_counter()
+        latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
+        ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
+        scheduler = sampling.make_scheduler(p.sample_steps, latents.shape[1], self.device)
+        model = variant.model
+
+        def model_fn(img, txt, pe, timestep, guidance, mask):
+            return self._model_fn(model, img, txt, pe, timestep, guidance, mask)
+
+        with sampling.autocast_for(self.device, self.dtype):
+            latents = sampling.denoise(
+                model_fn,
+                latents,
+                cond,
+                uncond,
+                p.guidance_scale,
+                scheduler,
+                self.cfg.axes_dim,
+                ids,
+                drop_padding=self.drop_padding,
+                on_step=on_step,
+            )
+            sync()
+            t2 = time.perf_counter()
+            image = sampling.decode(self.vae, latents, p.height, p.width)
+        t3 = time.perf_counter()
+        return Rendered(p, image, {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2})
+
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 2) -> dict[str, float]:
+        """Compile and exercise the base variant at each size so users never pay for it."""
+        self.load()
+        out = {}
+        variant, _ = self.get_variant([])
+        for width, height in sizes:
+            prompt = ResolvedPrompt(0, "warm-up", "", width, height, steps, 4.0, 0)
+            t0 = time.perf_counter()
+            self._guard(lambda prompt=prompt: self.render(variant, prompt))
+            out[f"{width}x{height}"] = time.perf_counter() - t0
+        return out
+
+    # -- device health -----------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _guard(self, fn):
+        """Run device work; map OOM to OutOfMemory (after freeing) and broken contexts to DeviceLost."""
+        try:
+            return fn()
+        except torch.OutOfMemoryError as exc:
+            del exc
+            self.release_memory()
+            raise OutOfMemory(
+                "the request did not fit in device memory; use a smaller width/height or fewer LoRAs"
+            ) from None
+        except RuntimeError as exc:
+            if self.device.type == "cuda" and is_device_lost(exc):
+                raise DeviceLost(f"CUDA context is unusable: {exc}") from exc
+            raise
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _variant_budget(self) -> int:
+        if self.config.variant_cache_bytes:
+            return self.config.variant_cache_bytes
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.7)
+        return 8 * 2**30
+
+    def _estimate_bytes(self) -> int:
+        per_weight = 1 if self.config.quantization == "float8" else self.dtype.itemsize
+        return sum(t.numel() for t in self.base.state.values()) * per_weight
+
+
+def _eager(model, img, txt, pe, timestep, guidance, mask):
+    return model(img, txt, pe, timestep, guidance, mask)
+
+
+DEVICE_LOST_MARKERS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "CUDA error: an illegal instruction",
+    "misaligned address",
+    "uncorrectable ECC",
+    "CUDA-capable device(s) is/are busy or unavailable",
+    "context is destroyed",
+)
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """A sticky CUDA error (or a failing probe) means this process can do no more device work."""
+    text = str(exc)
+    if any(marker in text for marker in DEVICE_LOST_MARKERS):
+        return True
+    return "CUDA error" in text and not probe_device()
+
+
+def probe_device() -> bool:
+    """Synchronize and run one tiny operation; False when the context is poisoned."""
+    try:
+        torch.cuda.synchronize()
+        value = (torch.ones(1, device="cuda") + 1).item()
+        return value == 2.0
+    except RuntimeError:
+        return False
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,239 @@
+"""LoRA files: parse, check against the model, and merge into the base weights.
+
+Accepted layouts (all safetensors; nothing pickled is ever read):
+
+- ai-toolkit / PEFT with the checkpoint's names:
+  ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` + ``lora_B`` (+ optional ``alpha``);
+- diffusers names: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (or ``lora.down``/
+  ``lora.up``), where a split projection lands on its row block of the fused weight;
+- kohya: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``lora_up`` + ``alpha``.
+
+Merge: ``W[rows] += multiplier * (alpha / rank) * (B @ A)`` in float32, alpha = rank when absent.
+Each LoRA of a stack adds its own delta. A file whose keys match nothing, match only partly, have
+wrong shapes or non-finite values, or hold another adapter type, is an ``InvalidLora`` naming the
+keys: never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from tasks.errors import InvalidLora
+from worker.checkpoint import RowBlock, linear_map
+from worker.chroma_model import ChromaConfig
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+_SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+_OTHER_ADAPTERS = re.compile(
+    r"(lokr_w|hada_w|hada_t|oft_|\.diff$|\.diff_b$|dora_scale|lora_magnitude|\.magnitude|glora_|"
+    r"lora_A\.bias|lora_B\.bias|lora_up\.bias|lora_down\.bias|\.w_norm|\.b_norm)"
+)
+_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder|lora_te_)")
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One low-rank update: rows [start, stop) of ``target`` += scale * up @ down."""
+
+    target: str
+    start: int
+    stop: int
+    down: Tensor  # (rank, in)
+    up: Tensor  # (stop - start, rank)
+    scale: float  # alpha / rank
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ParsedLora:
+    layers: tuple[LoraLayer, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def module_table(cfg: ChromaConfig) -> dict[str, RowBlock]:
+    """Every name a LoRA may use for a Linear (original, diffusers, kohya) -> its row block."""
+    diffusers = linear_map(cfg)
+    table: dict[str, RowBlock] = {}
+    originals = {block.target: block for block in diffusers.values()}
+    for target, block in originals.items():
+        rows = max(b.stop for b in diffusers.values() if b.target == target)
+        table[target] = RowBlock(target, 0, rows, block.in_features)
+    table.update(diffusers)
+    for name, block in list(table.items()):
+        table.setdefault(name.replace(".", "_"), block)
+    return table
+
+
+def parse_lora(path: Path, cfg: ChromaConfig, *, field: str = "lora") -> ParsedLora:
+    """Read and check a LoRA file against the model; every problem is an InvalidLora naming keys."""
+    tensors = _read(path, field)
+    if not tensors:
+        raise InvalidLora("the file holds no tensors; upload a LoRA saved by ai-toolkit", field=field)
+    foreign = sorted(k for k in tensors if _OTHER_ADAPTERS.search(k))
+    if foreign:
+        raise InvalidLora(
+            f"unsupported adapter type (LoKr/LoHa/DoRA/OFT/full diff or LoRA biases) in keys "
+            f"{_few(foreign)}; only plain LoRA (lora_A/lora_B, lora_down/lora_up) can be fused",
+            field=field,
+        )
+    text = sorted(k for k in tensors if _TEXT_ENCODER.match(k))
+    if text:
+        raise InvalidLora(
+            f"text-encoder LoRA keys {_few(text)} are not supported; train the transformer only", field=field
+        )
+
+    table = module_table(cfg)
+    groups: dict[str, dict[str, str]] = {}
+    unmatched: list[str] = []
+    for key in tensors:
+        module, kind = _split_key(key)
+        if module is None:
+            unmatched.append(key)
+            continue
+        if module not in table:
+            unmatched.append(key)
+            continue
+        slot = groups.setdefault(module, {})
+        if kind in slot:
+            raise InvalidLora(f"keys {slot[kind]!r} and {key!r} name the same weight", field=field)
+        slot[kind] = key
+    if not groups:
+        raise InvalidLora(
+            f"none of its {len(tensors)} keys names a Chroma transformer layer (e.g. {_few(sorted(tensors))}); "
+            "is it a LoRA for another model?",
+            field=field,
+        )
+    if unmatched:
+        raise InvalidLora(
+            f"{len(unmatched)} of {len(tensors)} keys match no Chroma transformer layer: {_few(sorted(unmatched))}",
+            field=field,
+        )
+
+    layers = [_layer(module, keys, tensors, table[module], field) for module, keys in sorted(groups.items())]
+    _check_overlaps(layers, field)
+    return ParsedLora(tuple(layers))
+
+
+def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]) -> None:
+    """Add every LoRA delta to ``weights`` (original names, any device) in place.
+
+    The order of operations is the reference's, in the weight dtype: ``delta = B @ A``, then
+    ``W + delta * (alpha / rank * multiplier)``; float32 weights give the exact sum.
+    """
+    for parsed, multiplier in loras:
+        for layer in parsed.layers:
+            weight = weights[f"{layer.target}.weight"]
+            rows = weight[layer.start : layer.stop]
+            up = layer.up.to(rows.device, rows.dtype)
+            down = layer.down.to(rows.device, rows.dtype)
+            rows.copy_(rows + (up @ down) * (layer.scale * multiplier))
+
+
+def _read(path: Path, field: str) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidLora(
+            f"not a readable safetensors file ({exc}); upload the .safetensors file", field=field
+        ) from exc
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    for suffix, kind in _SUFFIXES.items():
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            break
+    else:
+        return None, ""
+    for prefix in _KOHYA_PREFIXES:
+        if module.startswith(prefix):
+            return module[len(prefix) :], kind
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if module.startswith(prefix):
+                module = module[len(prefix) :]
+                changed = True
+    return module, kind
+
+
+def _layer(
+    module: str, keys: dict[str, str], tensors: dict[str, Tensor], block: RowBlock, field: str
+) -> LoraLayer:
+    if "down" not in keys or "up" not in keys:
+        have = ", ".join(sorted(keys.values()))
+        missing = "down (lora_A)" if "down" not in keys else "up (lora_B)"
+        raise InvalidLora(f"layer {module!r} lacks its {missing} matrix (has {have})", field=field)
+    down, up = tensors[keys["down"]], tensors[keys["up"]]
+    names = tuple(sorted(keys.values()))
+    for key in names:
+        t = tensors[key]
+        if not t.is_floating_point():
+            raise InvalidLora(
+                f"key {key!r} has dtype {t.dtype}; LoRA weights must be floating point", field=field
+            )
+        if not torch.isfinite(t).all():
+            raise InvalidLora(f"key {key!r} holds NaN or infinite values; the file is corrupt", field=field)
+    if down.ndim == 4 and down.shape[2:] == (1, 1):
+        down = down.flatten(1)
+    if up.ndim == 4 and up.shape[2:] == (1, 1):
+        up = up.flatten(1)
+    rows = block.stop - block.start
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise InvalidLora(
+            f"layer {module!r}: shapes {tuple(down.shape)} (down) and {tuple(up.shape)} (up) "
+            "do not form a low-rank pair (down: rank x in, up: out x rank)",
+            field=field,
+        )
+    rank = down.shape[0]
+    if up.shape[0] != rows or down.shape[1] != block.in_features:
+        raise InvalidLora(
+            f"layer {module!r}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
+            f"{(rows, block.in_features)}; the LoRA was trained for a different model size",
+            field=field,
+        )
+    scale = 1.0
+    if "alpha" in keys:
+        alpha = tensors[keys["alpha"]]
+        if alpha.numel() != 1:
+            raise InvalidLora(f"key {keys['alpha']!r} must be a scalar alpha", field=field)
+        scale = float(alpha.float().item()) / rank
+    return LoraLayer(block.target, block.start, block.stop, down, up, scale, names)
+
+
+def _check_overlaps(layers: list[LoraLayer], field: str) -> None:
+    seen: dict[str, list[LoraLayer]] = {}
+    for layer in layers:
+        for other in seen.get(layer.target, []):
+            if layer.start < other.stop and other.start < layer.stop:
+                raise InvalidLora(
+                    f"keys {_few(list(layer.keys))} and {_few(list(other.keys))} update the same rows of "
+                    f"{layer.target!r}; a file must name each layer once",
+                    field=field,
+                )
+        seen.setdefault(layer.target, []).append(layer)
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")

@@ -1,0 +1,130 @@
+"""A tiny random Chroma built in code: the embedded default for demos and tests.
+
+``write_tiny_chroma(folder)`` saves every component the way production finds them (a single-file
+transformer checkpoint with original key names, a T5 encoder folder, a tokenizer folder, a
+FLUX-shaped VAE folder) and returns their ``Sources``; the engine then loads them through the same
+code as the 8.9B model. Nothing is downloaded. Weights are drawn from a seeded generator, so the
+same seed gives the same files on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from worker.chroma_model import ChromaConfig, ChromaTransformer
+from worker.components import Sources
+
+TINY = ChromaConfig(
+    in_channels=64,
+    context_dim=32,
+    hidden_size=64,
+    num_heads=2,
+    mlp_ratio=4.0,
+    depth=2,
+    depth_single=2,
+    approximator_hidden=32,
+    approximator_depth=2,
+    axes_dim=(4, 14, 14),
+)
+WORDS = ["a", "photo", "of", "the", "person", "portrait", "sks", "ohwx", "man", "woman", "dog", "cat", "in", "on", "at", "with", "red", "blue", "green", "forest", "city", "night", "day", "sun", "light", "painting", "style", "cinematic", "close", "up", "smiling", "standing", "beach", "mountain", "snow", "rain", "street", "car", "house", "garden", "flower", "tree", "sky", "water", "river", "old", "young"]
+
+
+def write_tiny_chroma(folder: Path, seed: int = 0, std: float = 0.15) -> Sources:
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    transformer = folder / "chroma-tiny.safetensors"
+    save_file(_random_transformer(TINY, generator, std), str(transformer))
+    _write_tokenizer(folder / "tokenizer")
+    _write_text_encoder(folder / "text_encoder", generator)
+    _write_vae(folder / "vae", generator)
+    return Sources(
+        str(transformer), str(folder / "text_encoder"), str(folder / "tokenizer"), str(folder / "vae")
+    )
+
+
+def _random_transformer(cfg: ChromaConfig, generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = ChromaTransformer(cfg)
+    state = {}
+    for name, param in model.state_dict().items():
+        if name.endswith(".scale"):  # RMSNorm gains around 1
+            value = 1 + 0.1 * torch.randn(param.shape, generator=generator)
+        else:
+            value = std * torch.randn(param.shape, generator=generator)
+        state[name] = value.contiguous()
+    return state
+
+
+def _write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789[],.!?-'":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
+    )
+    fast.save_pretrained(str(path))
+
+
+def _write_text_encoder(path: Path, generator: torch.Generator) -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    model = T5EncoderModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(str(path), safe_serialization=True)
+
+
+def _write_vae(path: Path, generator: torch.Generator) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    vae.save_pretrained(str(path), safe_serialization=True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["latent_channels"] == 16

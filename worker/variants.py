@@ -1,0 +1,141 @@
+"""Fused variants: base weights + LoRA deltas, merged, then quantized; cached least-recently-used.
+
+The base transformer weights stay resident in (pinned) host memory, so a new (LoRA, multiplier)
+variant is: copy base -> device, add each LoRA delta in float32, quantize, wrap in a module built
+on the meta device (no initialisation, no checkpoint read). T5, tokenizer and VAE are not here:
+they do not depend on the LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from worker.chroma_model import ChromaConfig, ChromaTransformer
+from worker.components import quantize_float8
+from worker.lora import ParsedLora, merge_into
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    base: str  # transformer fingerprint
+    quantization: str
+    dtype: str
+    loras: tuple[tuple[str, float], ...]  # ordered (LoRA sha256, multiplier)
+
+
+@dataclass
+class Variant:
+    key: VariantKey
+    model: ChromaTransformer
+    nbytes: int
+    build_seconds: float
+    layers_merged: list[int] = field(default_factory=list)
+
+
+class BaseWeights:
+    """The base transformer under original names, resident on the host in the compute dtype."""
+
+    def __init__(self, cfg: ChromaConfig, state: dict[str, Tensor], dtype: torch.dtype, pin: bool):
+        self.cfg = cfg
+        self.state = {}
+        for name, tensor in state.items():
+            tensor = tensor.to(dtype).contiguous()
+            self.state[name] = tensor.pin_memory() if pin else tensor
+
+    def build(
+        self, loras: list[tuple[ParsedLora, float]], quantization: str, device: torch.device
+    ) -> ChromaTransformer:
+        weights = {name: t.to(device, non_blocking=True, copy=True) for name, t in self.state.items()}
+        merge_into(weights, loras)
+        with torch.device("meta"):
+            model = ChromaTransformer(self.cfg)
+        model.load_state_dict(weights, strict=True, assign=True)
+        model.mod_index = torch.arange(self.cfg.num_modulations, device=device)
+        model.eval().requires_grad_(False)
+        if quantization in ("float8", "float8-fast"):
+            quantize_float8(model)
+        return model
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Device bytes held by a module's weights (quantized tensors count their packed data)."""
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        inner = [getattr(tensor, name) for name in ("qdata", "scale") if hasattr(tensor, name)]
+        total += (
+            sum(t.numel() * t.element_size() for t in inner)
+            if inner
+            else tensor.numel() * tensor.element_size()
+        )
+    return total
+
+
+class VariantCache:
+    """Least-recently-used fused variants within a byte budget (the newest always stays)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._variants: OrderedDict[VariantKey, Variant] = OrderedDict()
+        self.evictions = 0
+
+    def __contains__(self, key: VariantKey) -> bool:
+        return key in self._variants
+
+    def __len__(self) -> int:
+        return len(self._variants)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self._variants.values())
+
+    def get(self, key: VariantKey) -> Variant | None:
+        variant = self._variants.get(key)
+        if variant is not None:
+            self._variants.move_to_end(key)
+        return variant
+
+    def make_room(self, incoming_bytes: int) -> None:
+        """Evict least-recently-used variants so ``incoming_bytes`` more fits the budget."""
+        while self._variants and self.nbytes + incoming_bytes > self.budget_bytes:
+            key, old = self._variants.popitem(last=False)
+            self.evictions += 1
+            log.info("evicting variant %s (%.1f MB)", _short(key), old.nbytes / 2**20)
+            del old
+
+    def put(self, variant: Variant) -> None:
+        self._variants[variant.key] = variant
+        self._variants.move_to_end(variant.key)
+        others = [k for k in self._variants if k != variant.key]
+        while others and self.nbytes > self.budget_bytes:
+            self._variants.pop(others.pop(0))
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._variants.clear()
+
+
+def timed_build(
+    base: BaseWeights,
+    key: VariantKey,
+    loras: list[tuple[ParsedLora, float]],
+    device: torch.device,
+) -> Variant:
+    start = time.perf_counter()
+    model = base.build(loras, key.quantization, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return Variant(key, model, module_bytes(model), seconds, [p.num_layers for p, _ in loras])
+
+
+def _short(key: VariantKey) -> str:
+    loras = ",".join(f"{sha[:8]}x{mult:g}" for sha, mult in key.loras) or "base"
+    return f"{key.base[:8]}/{key.quantization}/{loras}"
