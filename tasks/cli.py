@@ -173,6 +173,10 @@ def command_submit(args: argparse.Namespace) -> int:
         bar.close()
         print_error(f"interrupted; task {task_id} keeps running (chroma-worker status {task_id})")
         return EXIT_INTERRUPTED
+    except WorkerError as exc:  # the task failed: name the kind (code) as well as the field
+        bar.close()
+        print_error(f"{exc.code}: {exc}")
+        return EXIT_INVALID if isinstance(exc, InvalidRequest) else EXIT_FAILED
     finally:
         bar.close()
     print("\n".join(describe_result(result)))
@@ -299,9 +303,12 @@ def format_progress(meta: dict[str, Any]) -> str:
 
 
 def describe_settings_error(exc: ValidationError) -> str:
+    """The first settings problem, named by its environment variable."""
     error = exc.errors(include_url=False)[0]
-    name = "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
-    return f"{name}: {error['msg']}"
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    return "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() + f": {message}"
 
 
 def print_error(message: str) -> None:

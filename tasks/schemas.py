@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
 
@@ -268,7 +269,7 @@ def _translate(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, field=field)
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":

@@ -158,12 +158,10 @@ def _read(path: Path, field: str) -> dict[str, Tensor]:
 
 
 def _split_key(key: str) -> tuple[str | None, str]:
-    for suffix, kind in _SUFFIXES.items():
-        if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            break
-    else:
+    suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
         return None, ""
+    module, kind = key[: -len(suffix)], _SUFFIXES[suffix]
     for prefix in _KOHYA_PREFIXES:
         if module.startswith(prefix):
             return module[len(prefix) :], kind

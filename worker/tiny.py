@@ -30,7 +30,11 @@ TINY = ChromaConfig(
     approximator_depth=2,
     axes_dim=(4, 14, 14),
 )
-WORDS = ["a", "photo", "of", "the", "person", "portrait", "sks", "ohwx", "man", "woman", "dog", "cat", "in", "on", "at", "with", "red", "blue", "green", "forest", "city", "night", "day", "sun", "light", "painting", "style", "cinematic", "close", "up", "smiling", "standing", "beach", "mountain", "snow", "rain", "street", "car", "house", "garden", "flower", "tree", "sky", "water", "river", "old", "young"]
+WORDS = tuple(
+    "a photo of the person portrait sks ohwx man woman dog cat in on at with red blue green "
+    "forest city night day sun light painting style cinematic close up smiling standing "
+    "beach mountain snow rain street car house garden flower tree sky water river old young".split()
+)
 
 
 def write_tiny_chroma(folder: Path, seed: int = 0, std: float = 0.15) -> Sources:
