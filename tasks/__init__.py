@@ -12,6 +12,7 @@ from tasks.errors import (
     LoraNotFound,
     OutOfMemory,
     StorageUnavailable,
+    TimeLimitExceeded,
     TransientError,
     WorkerError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "OutOfMemory",
     "Settings",
     "StorageUnavailable",
+    "TimeLimitExceeded",
     "TransientError",
     "WorkerError",
     "resolve_prompts",

@@ -12,7 +12,7 @@ Queue semantics:
   Redis never redelivers a task that is still running. Bounding redeliveries is the worker's job
   (``Settings.max_deliveries``).
 - One generation at a time per worker process (``worker_concurrency=1``; the worker command
-  adds ``--pool solo``).
+  runs one prefork pool process: the only process that touches CUDA, replaced when it dies).
 
 Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` with a
 ``ProgressMeta`` dict; ``tasks.producer.wait`` and the CLI show it.
@@ -97,6 +97,8 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={GENERATE: {"queue": settings.queue}},
         # One generation at a time per worker process (one process per GPU).
         worker_concurrency=1,
+        # The pool child loads the model before it reports alive: allow a cold load.
+        worker_proc_alive_timeout=settings.task_time_limit,
         enable_utc=True,
         timezone="UTC",
     )

@@ -57,7 +57,7 @@ examples:
 WORKER_HELP = """\
 Replace this process (os.execvp) with
 
-  python -m celery -A worker worker --pool solo -Q $CHROMA_QUEUE --concurrency 1 [ARGS...]
+  python -m celery -A worker worker --pool prefork -Q $CHROMA_QUEUE --concurrency 1 [ARGS...]
 
 Every further argument goes to `celery worker` unchanged (e.g. --loglevel INFO, --hostname
 gpu0@%h); start one such process per GPU. Needs the worker extras installed.
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="start a GPU worker (celery worker, solo pool, one task at a time)",
+        help="start a GPU worker (celery worker: one pool process per GPU, one task at a time)",
         description=WORKER_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="chroma-worker worker [CELERY WORKER ARGS ...]",
@@ -211,10 +211,11 @@ def command_worker(args: argparse.Namespace) -> int:
 
 
 def worker_argv(queue: str, celery_args: list[str]) -> list[str]:
-    """``celery worker`` for one GPU: this interpreter, solo pool, one task at a time."""
+    """``celery worker`` for one GPU: one pool process (the only one that touches CUDA, replaced when
+    it dies), one task at a time."""
     return [
         sys.executable, "-m", "celery", "-A", "worker", "worker",
-        "--pool", "solo", "-Q", queue, "--concurrency", "1",
+        "--pool", "prefork", "-Q", queue, "--concurrency", "1",
         *celery_args,
     ]  # fmt: skip
 

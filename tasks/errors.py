@@ -11,6 +11,7 @@
     ├── DeviceError                  device_failure       no       500
     │   ├── OutOfMemory              out_of_memory        no       507
     │   └── DeviceLost               device_lost          no*      500
+    ├── TimeLimitExceeded            time_limit           no       504
     └── DeliveryLimitExceeded        delivery_limit       no       500
 
     * the process exits and the broker delivers the task again elsewhere.
@@ -94,6 +95,13 @@ class DeviceLost(DeviceError):
     """The device context is unusable; the process exits so it can be replaced."""
 
     code = "device_lost"
+
+
+class TimeLimitExceeded(WorkerError):
+    """The task ran past its time limit and was stopped."""
+
+    code = "time_limit"
+    http_status = 504
 
 
 class DeliveryLimitExceeded(WorkerError):

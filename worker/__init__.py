@@ -1,0 +1,9 @@
+"""The GPU side. ``celery -A worker worker`` finds the Celery app (``app``) here.
+
+Importing this package builds the app from the environment and registers the task; nothing
+connects and no model loads until a pool process starts (see ``worker.lifecycle``).
+"""
+
+from worker.task import app, generate
+
+__all__ = ["app", "generate"]

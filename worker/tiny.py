@@ -132,3 +132,25 @@ def _write_vae(path: Path, generator: torch.Generator) -> None:
     vae.save_pretrained(str(path), safe_serialization=True)
     config = json.loads((path / "config.json").read_text())
     assert config["latent_channels"] == 16
+
+
+def write_tiny_lora(path: Path, seed: int = 1, rank: int = 4, std: float = 0.3) -> Path:
+    """An ai-toolkit-format LoRA for the tiny model (original names, fp16, no alpha)."""
+    from worker.checkpoint import linear_map
+
+    generator = torch.Generator().manual_seed(seed)
+    targets = sorted({block.target: block for block in linear_map(TINY).values()}.items())
+    tensors = {}
+    for target, block in targets:
+        if not target.startswith(("double_blocks", "single_blocks")):
+            continue
+        rows = max(b.stop for b in linear_map(TINY).values() if b.target == target)
+        tensors[f"diffusion_model.{target}.lora_A.weight"] = std * torch.randn(
+            rank, block.in_features, generator=generator
+        )
+        tensors[f"diffusion_model.{target}.lora_B.weight"] = std * torch.randn(
+            rows, rank, generator=generator
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+    return path

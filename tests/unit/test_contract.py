@@ -556,10 +556,10 @@ def test_progress_line_format() -> None:
     )
 
 
-def test_worker_command_is_one_solo_process_per_gpu() -> None:
+def test_worker_command_is_one_pool_process_per_gpu() -> None:
     argv = worker_argv("gpu-queue", ["--loglevel", "INFO"])
     assert argv[0] == sys.executable
     assert argv[1:] == [
-        "-m", "celery", "-A", "worker", "worker", "--pool", "solo", "-Q", "gpu-queue",
+        "-m", "celery", "-A", "worker", "worker", "--pool", "prefork", "-Q", "gpu-queue",
         "--concurrency", "1", "--loglevel", "INFO",
     ]  # fmt: skip

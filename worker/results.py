@@ -1,0 +1,123 @@
+"""Encoding images and assembling result.json (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import socket
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from tasks.schemas import GenerationRequest, ResolvedPrompt
+
+FORMATS = {
+    "png": ("PNG", "image/png", "png"),
+    "jpeg": ("JPEG", "image/jpeg", "jpg"),
+    "webp": ("WEBP", "image/webp", "webp"),
+}
+
+
+def effective_parameters(p: ResolvedPrompt) -> dict[str, Any]:
+    return {
+        "prompt": p.prompt,
+        "neg": p.neg,
+        "width": p.width,
+        "height": p.height,
+        "sample_steps": p.sample_steps,
+        "guidance_scale": p.guidance_scale,
+        "seed": p.seed,
+    }
+
+
+def encode_image(
+    image: Image.Image, fmt: str, p: ResolvedPrompt, extra: dict[str, Any]
+) -> tuple[bytes, str, str]:
+    """(bytes, content type, extension); PNGs carry the effective parameters in a text chunk."""
+    pil_format, content_type, ext = FORMATS[fmt]
+    buffer = io.BytesIO()
+    params = json.dumps({**effective_parameters(p), **extra}, sort_keys=True)
+    if pil_format == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", params)
+        image.save(buffer, format="PNG", pnginfo=info)
+    elif pil_format == "JPEG":
+        image.save(buffer, format="JPEG", quality=95, comment=params.encode())
+    else:
+        image.save(buffer, format="WEBP", quality=95)
+    return buffer.getvalue(), content_type, ext
+
+
+def image_entry(p: ResolvedPrompt, key: str, uri: str, data: bytes, content_type: str) -> dict[str, Any]:
+    return {
+        "index": p.index,
+        **effective_parameters(p),
+        "key": key,
+        "uri": uri,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "content_type": content_type,
+    }
+
+
+def versions() -> dict[str, str | None]:
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {
+        "chroma_worker": version("chroma-worker"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+        "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
+        "torchao": version("torchao"),
+        "celery": version("celery"),
+    }
+
+
+def build_result(
+    *,
+    task_id: str,
+    request: GenerationRequest,
+    images: list[dict[str, Any]],
+    loras: list[dict[str, Any]],
+    engine,
+    variant: dict[str, Any],
+    timings: dict[str, float],
+    delivery: int,
+    result_key: str,
+    worker: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "status": "succeeded",
+        "request": request.model_dump(mode="json"),
+        "images": images,
+        "loras": loras,
+        "components": engine.component_info(),
+        "quantization": engine.config.quantization,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "variant": variant,
+        "versions": versions(),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "worker": {"host": socket.gethostname(), "device": str(engine.device), **(worker or {})},
+        "delivery": delivery,
+        "result_key": result_key,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def add_timings(total: dict[str, float], part: dict[str, float]) -> None:
+    for name, seconds in part.items():
+        total[name] = total.get(name, 0.0) + seconds
