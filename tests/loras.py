@@ -112,7 +112,8 @@ def diffusers_tensors(pairs: dict[str, Pair], cfg: ChromaConfig = TINY) -> dict[
 def kohya_tensors(pairs: dict[str, Pair], alpha: float) -> dict[str, Tensor]:
     """Kohya layout whose merged delta equals ``B @ A``: ``up = B * rank / alpha``.
 
-    Choose ``alpha / rank`` a power of two so the rescaled fp16 values stay exact.
+    Choose ``alpha / rank`` a power of two below one (``up`` grows by an exact power of two; shrinking
+    it would round the fp16 subnormals).
     """
     out = {}
     for module, pair in pairs.items():

@@ -163,6 +163,7 @@ def load_transformer(
             raise FileNotFoundError(f"{source} holds no .safetensors weights")
         state = diffusers_to_original(read_safetensors(files), cfg)
     else:
+        axes_dim = axes_dim or _declared_axes(source)
         state = read_safetensors([source])
         for key in list(state):
             for prefix in CHECKPOINT_PREFIXES:
@@ -171,3 +172,20 @@ def load_transformer(
                     break
         cfg = infer_config({k: tuple(v.shape) for k, v in state.items()}, axes_dim)
     return cfg, state
+
+
+def _declared_axes(checkpoint: Path) -> tuple[int, ...] | None:
+    """A RoPE split the checkpoint declares: safetensors metadata, or a config.json beside it."""
+    with safe_open(str(checkpoint), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+    for name in ("axes_dims_rope", "axes_dim"):
+        if name in metadata:
+            return tuple(int(a) for a in json.loads(metadata[name]))
+    config = checkpoint.with_suffix(".json")
+    for path in (config, checkpoint.parent / "config.json"):
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for name in ("axes_dims_rope", "axes_dim"):
+                if name in data:
+                    return tuple(int(a) for a in data[name])
+    return None

@@ -8,10 +8,11 @@ Accepted layouts (all safetensors; nothing pickled is ever read):
   ``lora.up``), where a split projection lands on its row block of the fused weight;
 - kohya: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``lora_up`` + ``alpha``.
 
-Merge: ``W[rows] += multiplier * (alpha / rank) * (B @ A)`` in float32, alpha = rank when absent.
-Each LoRA of a stack adds its own delta. A file whose keys match nothing, match only partly, have
-wrong shapes or non-finite values, or hold another adapter type, is an ``InvalidLora`` naming the
-keys: never a silent no-op.
+Merge: ``W[rows] += multiplier * (alpha / rank) * (B @ A)`` in the weight dtype (the reference's
+order and rounding; float32 weights give the float32 sum), alpha = rank when absent. Each LoRA of a
+stack adds its own delta. A file whose keys match nothing, match only partly, have wrong shapes,
+rank 0, alpha 0, non-floating-point or non-finite values, or hold another adapter type, is an
+``InvalidLora`` naming the keys: never a silent no-op and never an untranslated exception.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ _OTHER_ADAPTERS = re.compile(
     r"lora_A\.bias|lora_B\.bias|lora_up\.bias|lora_down\.bias|\.w_norm|\.b_norm)"
 )
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder|lora_te_)")
+# What a LoRA matrix may hold: float8/float4 or complex tensors cannot be checked or multiplied.
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ALPHA_DTYPES = _WEIGHT_DTYPES + (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -117,13 +121,14 @@ def parse_lora(path: Path, cfg: ChromaConfig, *, field: str = "lora") -> ParsedL
         slot[kind] = key
     if not groups:
         raise InvalidLora(
-            f"none of its {len(tensors)} keys names a Chroma transformer layer (e.g. {_few(sorted(tensors))}); "
-            "is it a LoRA for another model?",
+            f"none of its {len(tensors)} keys names a Chroma transformer layer "
+            f"(e.g. {_few(sorted(tensors))}); is it a LoRA for another model?",
             field=field,
         )
     if unmatched:
         raise InvalidLora(
-            f"{len(unmatched)} of {len(tensors)} keys match no Chroma transformer layer: {_few(sorted(unmatched))}",
+            f"{len(unmatched)} of {len(tensors)} keys match no Chroma transformer layer: "
+            f"{_few(sorted(unmatched))}",
             field=field,
         )
 
@@ -139,6 +144,8 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
     ``W + delta * (alpha / rank * multiplier)``; float32 weights give the exact sum.
     """
     for parsed, multiplier in loras:
+        if multiplier == 0:  # exactly the base weights, even where a delta would overflow the dtype
+            continue
         for layer in parsed.layers:
             weight = weights[f"{layer.target}.weight"]
             rows = weight[layer.start : layer.stop]
@@ -186,9 +193,11 @@ def _layer(
     names = tuple(sorted(keys.values()))
     for key in names:
         t = tensors[key]
-        if not t.is_floating_point():
+        if t.dtype not in (_ALPHA_DTYPES if key == keys.get("alpha") else _WEIGHT_DTYPES):
             raise InvalidLora(
-                f"key {key!r} has dtype {t.dtype}; LoRA weights must be floating point", field=field
+                f"key {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
+                "float16, bfloat16 or float32",
+                field=field,
             )
         if not torch.isfinite(t).all():
             raise InvalidLora(f"key {key!r} holds NaN or infinite values; the file is corrupt", field=field)
@@ -204,6 +213,10 @@ def _layer(
             field=field,
         )
     rank = down.shape[0]
+    if rank == 0:
+        raise InvalidLora(
+            f"layer {module!r} has rank 0 (empty {_few(list(names))}); it would change nothing", field=field
+        )
     if up.shape[0] != rows or down.shape[1] != block.in_features:
         raise InvalidLora(
             f"layer {module!r}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
@@ -215,6 +228,12 @@ def _layer(
         alpha = tensors[keys["alpha"]]
         if alpha.numel() != 1:
             raise InvalidLora(f"key {keys['alpha']!r} must be a scalar alpha", field=field)
+        if alpha.item() == 0:
+            raise InvalidLora(
+                f"key {keys['alpha']!r} has alpha 0, which would zero the layer; save alpha = rank "
+                "or leave it out",
+                field=field,
+            )
         scale = float(alpha.float().item()) / rank
     return LoraLayer(block.target, block.start, block.stop, down, up, scale, names)
 

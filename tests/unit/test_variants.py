@@ -1,0 +1,185 @@
+"""DESIGN.md section 4: fused variants are cached by LoRA stack, evicted LRU, built from resident
+weights, share T5/VAE, and are quantized after the merge."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.schemas import ResolvedPrompt
+from tests import loras
+from worker import checkpoint
+from worker.checkpoint import linear_map
+from worker.components import Sources
+from worker.engine import Engine, EngineConfig, LoraInput
+
+PROMPT = ResolvedPrompt(0, "sks a photo of a person", "", 64, 64, 2, 4.0, 42)
+
+
+def lora_input(path: Path, multiplier: float = 1.0) -> LoraInput:
+    return LoraInput(path, hashlib.sha256(path.read_bytes()).hexdigest(), multiplier)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        name: loras.write_ai_toolkit(folder / f"{name}.safetensors", loras.random_lora(seed=seed))
+        for seed, name in enumerate("abcd", start=10)
+    }
+
+
+def private_engine(sources: Sources, **config) -> Engine:
+    engine = Engine(EngineConfig(sources, quantization="none", dtype="float32", **config))
+    engine.load()
+    return engine
+
+
+def pixels(engine: Engine, stack: list[LoraInput]) -> np.ndarray:
+    return np.asarray(engine.generate([PROMPT], stack).images[0].image)
+
+
+def test_same_stack_hits_other_multiplier_or_order_misses(tiny_sources, lora_files, tmp_path):
+    engine = private_engine(tiny_sources)
+    a, b = lora_files["a"], lora_files["b"]
+
+    first = engine.generate([PROMPT], [lora_input(a)])
+    again = engine.generate([PROMPT], [lora_input(a)])
+    assert (first.variant["cache_hit"], again.variant["cache_hit"]) == (False, True)
+    assert np.array_equal(np.asarray(first.images[0].image), np.asarray(again.images[0].image))
+
+    copy = tmp_path / "same-content-other-name.safetensors"
+    shutil.copyfile(a, copy)
+    variant, hit = engine.get_variant([lora_input(copy)])
+    assert hit, "a variant is identified by the LoRA's content, not its path"
+    assert variant is engine.get_variant([lora_input(a)])[0]
+
+    for stack in (
+        [lora_input(a, 0.5)],
+        [lora_input(a), lora_input(b)],
+        [lora_input(b), lora_input(a)],
+        [lora_input(a), lora_input(b, -1.0)],
+        [],
+    ):
+        assert engine.get_variant(stack)[1] is False, stack
+        assert engine.get_variant(stack)[1] is True, stack
+    assert len(engine.variants) == 6
+    assert engine.variants.evictions == 0
+    swapped = engine.generate([PROMPT], [lora_input(b), lora_input(a)]).variant
+    assert swapped["cache_hit"] is True
+    assert [sha for sha, _ in swapped["key"]["loras"]] == [lora_input(b).sha256, lora_input(a).sha256]
+
+
+def test_least_recently_used_variant_is_evicted_first(tiny_sources, lora_files):
+    size = private_engine(tiny_sources).get_variant([])[0].nbytes
+    engine = private_engine(tiny_sources, variant_cache_bytes=int(2.5 * size))
+    base, a, b, c = (
+        [],
+        [lora_input(lora_files["a"])],
+        [lora_input(lora_files["b"])],
+        [lora_input(lora_files["c"])],
+    )
+
+    def cached() -> list[bool]:
+        return [engine.variant_key(stack) in engine.variants for stack in (base, a, b, c)]
+
+    engine.get_variant(base)
+    engine.get_variant(a)
+    assert cached() == [True, True, False, False] and engine.variants.evictions == 0
+    engine.get_variant(b)  # over budget: base is the least recently used
+    assert cached() == [False, True, True, False] and engine.variants.evictions == 1
+    assert engine.get_variant(a)[1] is True  # a is now the most recently used
+    gen = engine.generate([PROMPT], c)  # so b goes
+    assert cached() == [False, True, False, True]
+    assert gen.variant["evictions"] == engine.variants.evictions == 2
+    assert gen.variant["variants_cached"] == 2
+    assert gen.variant["cache_bytes"] == engine.variants.nbytes <= engine.variants.budget_bytes
+    assert engine.get_variant(b)[1] is False, "an evicted variant is built again"
+
+
+def test_the_newest_variant_stays_even_over_budget(tiny_sources, lora_files):
+    engine = private_engine(tiny_sources, variant_cache_bytes=1)
+    engine.get_variant([])
+    image = pixels(engine, [lora_input(lora_files["a"])])
+    assert len(engine.variants) == 1 and engine.variants.evictions == 1
+    assert engine.variant_key([lora_input(lora_files["a"])]) in engine.variants
+    assert np.array_equal(image, pixels(engine, [lora_input(lora_files["a"])]))
+
+
+def test_new_variant_is_built_without_reading_the_checkpoint(
+    tiny_sources, tiny_dir, lora_files, tmp_path, monkeypatch
+):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, folder)
+    sources = Sources(
+        **{k: str(folder / Path(v).relative_to(tiny_dir)) for k, v in asdict(tiny_sources).items()}
+    )
+    assert Path(sources.transformer).is_file()
+    reference = private_engine(tiny_sources)  # keeps its checkpoint file
+    engine = private_engine(sources)
+    base_before = {name: t.clone() for name, t in engine.base.state.items()}
+    Path(sources.transformer).unlink()
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the transformer checkpoint was read again")
+
+    monkeypatch.setattr(checkpoint, "read_safetensors", no_reads)
+    stack = [lora_input(lora_files["c"], 0.75), lora_input(lora_files["d"], -0.5)]
+    got = pixels(engine, stack)
+    assert np.array_equal(got, pixels(reference, stack))
+    assert all(torch.equal(engine.base.state[n], t) for n, t in base_before.items()), "base weights mutated"
+    assert np.array_equal(pixels(engine, []), pixels(reference, []))
+
+
+def test_text_encoder_tokenizer_and_vae_are_shared_by_every_variant(engine_factory, lora_files):
+    engine = engine_factory("none", "float32")
+    shared = (engine.text_encoder, engine.tokenizer, engine.vae)
+    models = [engine.get_variant(stack)[0].model for stack in ([lora_input(lora_files["d"])], [])]
+    models.append(engine.get_variant([lora_input(lora_files["d"], 0.25)])[0].model)
+    engine.generate([PROMPT], [lora_input(lora_files["b"], 1.5)])
+    text_encoder, tokenizer, vae = shared
+    assert engine.text_encoder is text_encoder and engine.tokenizer is tokenizer and engine.vae is vae
+    assert len({id(m) for m in models}) == 3
+    assert not any(m is engine.text_encoder for m in models)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float8_variant_is_quantized_after_the_merge(engine_factory, tmp_path, dtype):
+    """Merge in the compute dtype, then quantize: the variant's float8 data is exactly
+    ``quantize(W + m * B @ A)``, computed here by hand."""
+    from torchao.quantization import Float8Tensor, Float8WeightOnlyConfig, quantize_
+
+    engine = engine_factory("float8", dtype, "mask")
+    compute = getattr(torch, dtype)
+    pairs = loras.random_lora(seed=7)
+    stack = [lora_input(loras.write_ai_toolkit(tmp_path / "f8.safetensors", pairs), 0.8)]
+    variant = engine.get_variant(stack)[0].model
+    base = engine.get_variant([])[0].model
+
+    linears = {name: m for name, m in variant.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(linears) == {block.target for block in linear_map(engine.cfg).values()}
+    assert all(type(m.weight) is Float8Tensor for m in linears.values())
+    assert all(m.weight.qdata.dtype == torch.float8_e4m3fn for m in linears.values())
+
+    for module, pair in pairs.items():
+        weight = engine.base.state[f"{module}.weight"]
+        assert weight.dtype == compute
+        merged = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=compute))
+        with torch.no_grad():
+            merged[0].weight.copy_(weight + (pair.up.to(compute) @ pair.down.to(compute)) * 0.8)
+        quantize_(merged, Float8WeightOnlyConfig())
+        expected, got = merged[0].weight, variant.get_submodule(module).weight
+        before = base.get_submodule(module).weight
+        assert torch.equal(got.qdata.view(torch.uint8), expected.qdata.view(torch.uint8)), module
+        assert torch.equal(got.scale, expected.scale), module
+        assert not torch.equal(got.qdata.view(torch.uint8), before.qdata.view(torch.uint8)), module
+
+    images = [pixels(engine, s) for s in (stack, [replace(stack[0], multiplier=0.0)], [])]
+    assert not np.array_equal(images[0], images[2]), "the float8 variant must carry the LoRA"
+    assert np.array_equal(images[1], images[2])
