@@ -18,10 +18,10 @@ from botocore.client import BaseClient
 
 from storage import LoraCache, lora_location, output_key, result_key, upload_bytes, upload_result, uri
 from storage.s3 import storage_errors
-from tasks.schemas import GenerationRequest, resolve_prompts
+from tasks.schemas import GenerationRequest, ResolvedPrompt, resolve_prompts
 from tasks.settings import Settings
 from worker.engine import Engine, LoraInput
-from worker.results import add_timings, build_result, encode_image, image_entry
+from worker.results import build_result, settle, store_images
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +64,21 @@ def run_job(
         report("denoise", index, total, step, steps)
 
     generation = engine.generate(prompts, loras, on_progress=on_progress)
-    add_timings(timings, generation.timings)
-    variant = generation.variant
-    timings["variant_build" if not variant["cache_hit"] else "variant_hit"] = timings.pop("variant")
-    for meta, layers in zip(lora_meta, generation.layers_merged, strict=True):
-        meta["layers_merged"] = layers
-
-    images: list[dict[str, Any]] = []
+    settle(generation, lora_meta, timings)
     bucket = settings.output_bucket
     uploaded: list[str] = []
+
+    def upload(p: ResolvedPrompt, ext: str, data: bytes, content_type: str) -> tuple[str, str]:
+        report("upload", p.index, len(prompts), p.sample_steps, p.sample_steps)
+        key = output_key(settings.output_prefix, task_id, p.index, ext)
+        start = time.perf_counter()
+        upload_bytes(worker.s3, bucket, key, data, content_type)
+        timings["upload"] = timings.get("upload", 0.0) + time.perf_counter() - start
+        uploaded.append(key)
+        return key, uri(bucket, key)
+
     try:
-        for rendered in generation.images:
-            add_timings(timings, rendered.timings)
-            p = rendered.prompt
-            report("upload", p.index, len(prompts), p.sample_steps, p.sample_steps)
-            extra = {"loras": [[m["sha256"], m["network_multiplier"]] for m in lora_meta], "task_id": task_id}
-            data, content_type, ext = encode_image(rendered.image, request.output_format, p, extra)
-            key = output_key(settings.output_prefix, task_id, p.index, ext)
-            t1 = time.perf_counter()
-            upload_bytes(worker.s3, bucket, key, data, content_type)
-            timings["upload"] = timings.get("upload", 0.0) + time.perf_counter() - t1
-            uploaded.append(key)
-            images.append(image_entry(p, key, uri(bucket, key), data, content_type))
+        images = store_images(generation, request.output_format, lora_meta, task_id, timings, upload)
         rkey = result_key(settings.output_prefix, task_id)
         result = build_result(
             task_id=task_id,
@@ -93,7 +86,7 @@ def run_job(
             images=images,
             loras=lora_meta,
             engine=engine,
-            variant=variant,
+            variant=generation.variant,
             timings=timings,
             delivery=delivery,
             result_key=rkey,

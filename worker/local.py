@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import InvalidRequest, LoraNotFound, WorkerError
-from tasks.schemas import GenerationRequest, lora_bucket, resolve_prompts, validate_request
+from tasks.schemas import GenerationRequest, ResolvedPrompt, lora_bucket, resolve_prompts, validate_request
 from tasks.settings import Settings
 from worker.engine import Engine, EngineConfig, LoraInput
-from worker.results import add_timings, build_result, encode_image, image_entry
+from worker.results import build_result, settle, store_images
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +43,15 @@ def run_local(
     loras, lora_meta = local_loras(request, lora_dir)
     timings["download"] = time.perf_counter() - t0
     generation = engine.generate(prompts, loras, on_progress=progress)
-    add_timings(timings, generation.timings)
-    timings["variant_build" if not generation.variant["cache_hit"] else "variant_hit"] = timings.pop(
-        "variant"
-    )
-    for meta, layers in zip(lora_meta, generation.layers_merged, strict=True):
-        meta["layers_merged"] = layers
+    settle(generation, lora_meta, timings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for rendered in generation.images:
-        add_timings(timings, rendered.timings)
-        p = rendered.prompt
-        extra = {"loras": [[m["sha256"], m["network_multiplier"]] for m in lora_meta], "task_id": task_id}
-        data, content_type, ext = encode_image(rendered.image, request.output_format, p, extra)
+
+    def write(p: ResolvedPrompt, ext: str, data: bytes, content_type: str) -> tuple[str, str]:
         path = out_dir / f"{p.index}.{ext}"
         path.write_bytes(data)
-        images.append(image_entry(p, path.name, str(path.resolve()), data, content_type))
+        return path.name, str(path.resolve())
+
+    images = store_images(generation, request.output_format, lora_meta, task_id, timings, write)
     result = build_result(
         task_id=task_id,
         request=request,

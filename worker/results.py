@@ -7,6 +7,7 @@ import io
 import json
 import platform
 import socket
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -121,3 +122,34 @@ def build_result(
 def add_timings(total: dict[str, float], part: dict[str, float]) -> None:
     for name, seconds in part.items():
         total[name] = total.get(name, 0.0) + seconds
+
+
+def settle(generation, lora_meta: list[dict[str, Any]], timings: dict[str, float]) -> None:
+    """Fold a Generation's timings and per-LoRA layer counts into the result being built."""
+    add_timings(timings, generation.timings)
+    timings["variant_hit" if generation.variant["cache_hit"] else "variant_build"] = timings.pop("variant")
+    for meta, layers in zip(lora_meta, generation.layers_merged, strict=True):
+        meta["layers_merged"] = layers
+
+
+# (prompt, extension, encoded bytes, content type) -> (key, uri)
+StoreFn = Callable[[ResolvedPrompt, str, bytes, str], tuple[str, str]]
+
+
+def store_images(
+    generation,
+    output_format: str,
+    lora_meta: list[dict[str, Any]],
+    task_id: str,
+    timings: dict[str, float],
+    store: StoreFn,
+) -> list[dict[str, Any]]:
+    """Encode every rendered image, hand it to ``store``, and return the result's image entries."""
+    extra = {"loras": [[m["sha256"], m["network_multiplier"]] for m in lora_meta], "task_id": task_id}
+    images = []
+    for rendered in generation.images:
+        add_timings(timings, rendered.timings)
+        data, content_type, ext = encode_image(rendered.image, output_format, rendered.prompt, extra)
+        key, uri = store(rendered.prompt, ext, data, content_type)
+        images.append(image_entry(rendered.prompt, key, uri, data, content_type))
+    return images
