@@ -114,8 +114,7 @@ def main_run(args: argparse.Namespace) -> int:
         return 2 if isinstance(exc, InvalidRequest) else 1
     print(file=sys.stderr)
     for image in result["images"]:
-        print(
-            f"image {image['index']}: {image['uri']}  seed {image['seed']}  {image['width']}x{image['height']}"
-        )
+        size = f"{image['width']}x{image['height']}"
+        print(f"image {image['index']}: {image['uri']}  seed {image['seed']}  {size}")
     print(f"result: {(args.out / 'result.json').resolve()}")
     return 0
