@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
@@ -50,6 +50,13 @@ class Limits:
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _nulls_mean_default(cls: type[BaseModel], data: Any) -> Any:
+    """The reference API's fields are optional: an explicit null asks for the default."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+    return data
+
+
 class LoraSpec(BaseModel):
     model_config = _STRICT
 
@@ -57,6 +64,8 @@ class LoraSpec(BaseModel):
     network_multiplier: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 1.0
     # Accepted for reference compatibility; only meaningful for mixture-of-experts models.
     transformer: None = None
+
+    _nulls = model_validator(mode="before")(classmethod(_nulls_mean_default))
 
     @field_validator("path")
     @classmethod
@@ -78,6 +87,16 @@ class PromptSpec(BaseModel):
     neg: str = ""
     # Reference fields that have one meaning for Chroma: accepted when left at their default.
     sampler: Literal["flowmatch"] | None = None
+    # Reference fields of other models (video, control images): accepted only when null.
+    num_frames: None = None
+    fps: None = None
+    resolution: None = None
+    ctrl_img: None = None
+    ctrl_img_1: None = None
+    ctrl_img_2: None = None
+    ctrl_img_3: None = None
+
+    _nulls = model_validator(mode="before")(classmethod(_nulls_mean_default))
 
     @field_validator("prompt")
     @classmethod
@@ -97,6 +116,10 @@ class GenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     # Secrets never travel in requests: workers read hub tokens from their environment.
     hf_token: None = None
+    kv_cache: None = None
+    match_target_res: None = None
+
+    _nulls = model_validator(mode="before")(classmethod(_nulls_mean_default))
 
     @field_validator("model")
     @classmethod
