@@ -33,7 +33,9 @@ LORA_KEY = "my_lora_job/my_lora.safetensors"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("request", nargs="?", type=Path, default=EXAMPLE, help="request JSON (default: example)")
+    parser.add_argument(
+        "request", nargs="?", type=Path, default=EXAMPLE, help="request JSON (default: example)"
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where to copy the outputs")
     args = parser.parse_args()
 
@@ -69,7 +71,9 @@ def main() -> int:
     settings = Settings(**values)
     env = worker_env({f"CHROMA_{k.upper()}": v for k, v in values.items()})
     env.pop("OMP_NUM_THREADS", None)  # one worker: let it use every core
-    print(f"[3/5] worker process: celery -A worker worker --pool prefork -Q {settings.queue} (log: {work}/worker.log)")
+    print(
+        f"[3/5] worker process: celery -A worker worker --pool prefork -Q {settings.queue} (log: {work}/worker.log)"
+    )
     worker = WorkerProcess(env, settings.queue, work / "worker.log", "demo")
     try:
         worker.wait_ready()

@@ -8,6 +8,8 @@ image post-processor. Each fact of DESIGN.md section 3 is written out here a sec
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
@@ -23,7 +25,7 @@ from worker.components import Sources
 
 class ReferenceChroma:
     def __init__(self, sources: Sources, dtype: torch.dtype = torch.float32):
-        cfg, state = load_transformer(__import__("pathlib").Path(sources.transformer))
+        cfg, state = load_transformer(Path(sources.transformer))
         self.dtype = dtype
         self.transformer = ChromaTransformer2DModel(
             in_channels=cfg.in_channels,

@@ -32,7 +32,9 @@ SECRET_KEY = "integration-secret-key-never-logged"
 class RedisServer:
     def __init__(self, folder: Path):
         if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not installed; run ./scripts/bootstrap.sh or apt-get install redis-server")
+            raise RuntimeError(
+                "redis-server is not installed; run ./scripts/bootstrap.sh or apt-get install redis-server"
+            )
         self.folder = folder
         self.port = free_port()
         self.process: subprocess.Popen | None = None

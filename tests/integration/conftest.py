@@ -36,7 +36,13 @@ EXAMPLE = {
 
 def small_request(**prompt) -> dict:
     """The example request at a size the CPU renders in a fraction of a second."""
-    spec = {"prompt": "[trigger] a photo of a person", "width": 64, "height": 64, "sample_steps": 2, "seed": 1}
+    spec = {
+        "prompt": "[trigger] a photo of a person",
+        "width": 64,
+        "height": 64,
+        "sample_steps": 2,
+        "seed": 1,
+    }
     spec.update(prompt)
     return {"model": "chroma", "trigger_word": "sks", "prompts": [spec], "loras": [{"path": LORA_KEY}]}
 
