@@ -71,9 +71,8 @@ def main() -> int:
     settings = Settings(**values)
     env = worker_env({f"CHROMA_{k.upper()}": v for k, v in values.items()})
     env.pop("OMP_NUM_THREADS", None)  # one worker: let it use every core
-    print(
-        f"[3/5] worker process: celery -A worker worker --pool prefork -Q {settings.queue} (log: {work}/worker.log)"
-    )
+    command = f"celery -A worker worker --pool prefork -Q {settings.queue}"
+    print(f"[3/5] worker: {command} (log: {work}/worker.log)")
     worker = WorkerProcess(env, settings.queue, work / "worker.log", "demo")
     try:
         worker.wait_ready()
