@@ -26,6 +26,7 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED_BASE = 42
 MAX_SEED = 2**63 - 1
+RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the reference
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
@@ -208,12 +209,13 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
     """Apply defaults: trigger words, size snapping, seeds (omitted: 42 + index; -1: random)."""
     out = []
     for index, spec in enumerate(request.prompts):
-        trigger = spec.trigger_word if spec.trigger_word is not None else request.trigger_word
-        text = spec.prompt.replace("[trigger]", trigger) if trigger is not None else spec.prompt
+        # As the reference: the prompt's own trigger word, else the request's; none leaves "[trigger]".
+        trigger = spec.trigger_word or request.trigger_word
+        text = spec.prompt.replace("[trigger]", trigger) if trigger else spec.prompt
         if spec.seed is None:
             seed = DEFAULT_SEED_BASE + index
         elif spec.seed == -1:
-            seed = secrets.randbelow(2**32)
+            seed = secrets.randbelow(RANDOM_SEED_BOUND)
         else:
             seed = spec.seed
         out.append(
