@@ -8,13 +8,27 @@ modulation layout), so it is the same function in float32 and the same rounding 
 
 Text padding: ai-toolkit lets every real text token, plus one padding token, attend; the other
 padding tokens are masked out as both queries and keys, so they never touch the image. Dropping
-them before the transformer (``keep_text_tokens``) computes the same output without any mask and is
-how the engine runs; ``text_mask`` keeps the masked full-length form for comparison.
+them before the transformer computes the same output without any mask and is how the engine runs
+on CUDA; ``text_mask`` keeps the masked full-length form (bit-identical to the reference).
+
+Segments (batched classifier-free guidance): ``forward_batch`` runs one latent under several text
+conditions in ONE pass. Every per-token operation (norms, modulation, every Linear, the gated
+residuals) runs once over all segments' tokens packed together, so each weight is read (and, for
+float8 weight-only, dequantized) once per step instead of once per branch; only attention is split,
+each segment attending over its own ``[text, image]`` tokens. That is the same function as one pass
+per branch: the cond and uncond texts differ in length, so batching them any other way would need
+padding and a mask again. A segment's length is read from its RoPE tensor (``pe.shape[2]``).
+
+``Blocks`` says how the blocks run: eagerly, or through two ``torch.compile``d functions shared by
+every block of every fused variant (parameters are graph inputs, so a new variant of the same
+class and shapes reuses the compiled code; token counts are marked dynamic, so new prompt lengths
+and resolutions do not recompile).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +194,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None) 
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def joint_attention(
+    txt_qkv: tuple[Tensor, Tensor, Tensor],
+    img_qkv: tuple[Tensor, Tensor, Tensor],
+    pes: tuple[Tensor, ...],
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Attention over ``[text, image]``: text (1|B, H, T, D) packed per segment, image (S|B, H, N, D)."""
+    if len(pes) == 1:
+        q, k, v = (torch.cat((t, i), dim=2) for t, i in zip(txt_qkv, img_qkv, strict=True))
+        out = attention(q, k, v, pes[0], mask)
+        split = txt_qkv[0].shape[2]
+        return out[:, :split], out[:, split:]
+    assert mask is None, "segments run without a mask (padding dropped)"
+    image_len = img_qkv[0].shape[2]
+    txt_out, img_out, start = [], [], 0
+    for s, pe in enumerate(pes):
+        length = pe.shape[2] - image_len
+        q, k, v = (
+            torch.cat((t[:, :, start : start + length], i[s : s + 1]), dim=2)
+            for t, i in zip(txt_qkv, img_qkv, strict=True)
+        )
+        out = attention(q, k, v, pe, None)
+        txt_out.append(out[:, :length])
+        img_out.append(out[:, length:])
+        start += length
+    return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, pes: tuple[Tensor, ...], mask: Tensor | None) -> Tensor:
+    """Attention over a packed single stream: segment s is the next ``pes[s].shape[2]`` tokens."""
+    if len(pes) == 1:
+        return attention(q, k, v, pes[0], mask)
+    assert mask is None, "segments run without a mask (padding dropped)"
+    sizes = [pe.shape[2] for pe in pes]
+    parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), pes, strict=True)
+    return torch.cat([attention(qs, ks, vs, pe, None) for qs, ks, vs, pe in parts], dim=1)
+
+
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """(B, L, 3*H*D) -> three (B, H, L, D)."""
     batch, length, _ = qkv.shape
@@ -202,7 +254,13 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, dim))
 
     def forward(
-        self, img: Tensor, txt: Tensor, pe: Tensor, img_mod: Tensor, txt_mod: Tensor, mask: Tensor | None
+        self,
+        img: Tensor,
+        txt: Tensor,
+        pes: tuple[Tensor, ...],
+        img_mod: Tensor,
+        txt_mod: Tensor,
+        mask: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
@@ -219,12 +277,7 @@ class DoubleStreamBlock(nn.Module):
             self.num_heads,
         )
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
-
-        q = torch.cat((txt_q, img_q), dim=2)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe, mask)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        txt_attn, img_attn = joint_attention((txt_q, txt_k, txt_v), (img_q, img_k, img_v), pes, mask)
 
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2))
@@ -242,14 +295,14 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + mlp, dim)
         self.norm = QKNorm(cfg.head_dim)
 
-    def forward(self, x: Tensor, pe: Tensor, mod: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pes: tuple[Tensor, ...], mod: Tensor, mask: Tensor | None) -> Tensor:
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, mask)
+        attn = packed_attention(q, k, v, pes, mask)
         return x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2))
 
 
@@ -294,31 +347,162 @@ class ChromaTransformer(nn.Module):
         timestep: Tensor,
         guidance: Tensor,
         text_mask: Tensor | None = None,
+        blocks: Blocks | None = None,
     ) -> Tensor:
         """img (B, N, C) packed latents; txt (B, T, context); pe from ``position_embedding``.
 
         ``text_mask`` (B, T) bool, already including the one extra padding token; None means every
         text token given attends (the caller dropped the rest).
         """
+        mask = None
+        if text_mask is not None:
+            tokens = torch.cat([text_mask, text_mask.new_ones(img.shape[0], img.shape[1])], dim=1)
+            mask = (tokens[:, :, None] & tokens[:, None, :]).unsqueeze(1)
+        return self._run(self.img_in(img), txt, (pe,), timestep, guidance, mask, blocks or EAGER)
+
+    def forward_batch(
+        self,
+        img: Tensor,
+        txts: tuple[Tensor, ...],
+        pes: tuple[Tensor, ...],
+        timestep: Tensor,
+        guidance: Tensor,
+        blocks: Blocks | None = None,
+    ) -> Tensor:
+        """One latent (1, N, C) under each text (1, T_s, context), padding dropped -> (S, N, C).
+
+        Output s equals ``forward(img, txts[s], pes[s], ...)``: the segments share every weight
+        read but never attend to each other.
+        """
+        assert img.shape[0] == 1 and timestep.shape[0] == 1 and len(txts) == len(pes)
+        img = self.img_in(img).repeat(len(txts), 1, 1)
+        return self._run(img, torch.cat(txts, dim=1), tuple(pes), timestep, guidance, None, blocks or EAGER)
+
+    def _run(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        pes: tuple[Tensor, ...],
+        timestep: Tensor,
+        guidance: Tensor,
+        mask: Tensor | None,
+        blocks: Blocks,
+    ) -> Tensor:
         cfg = self.cfg
-        img = self.img_in(img)
         txt = self.txt_in(txt)
         mods = self.modulations(timestep, guidance)
         single_end = 3 * cfg.depth_single
         img_mods = mods[:, single_end : single_end + 6 * cfg.depth]
         txt_mods = mods[:, single_end + 6 * cfg.depth : single_end + 12 * cfg.depth]
 
-        mask = None
-        if text_mask is not None:
-            tokens = torch.cat([text_mask, text_mask.new_ones(img.shape[0], img.shape[1])], dim=1)
-            mask = (tokens[:, :, None] & tokens[:, None, :]).unsqueeze(1)
+        with blocks.context():
+            for i, block in enumerate(self.double_blocks):
+                img, txt = blocks.double(
+                    block, img, txt, pes, img_mods[:, 6 * i : 6 * i + 6], txt_mods[:, 6 * i : 6 * i + 6], mask
+                )
+            x = join_streams(txt, img, pes)
+            for i, block in enumerate(self.single_blocks):
+                x = blocks.single(block, x, pes, mods[:, 3 * i : 3 * i + 3], mask)
+        return self.final_layer(image_tokens(x, img.shape[1], pes), mods[:, -2:])
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt = block(
-                img, txt, pe, img_mods[:, 6 * i : 6 * i + 6], txt_mods[:, 6 * i : 6 * i + 6], mask
-            )
-        x = torch.cat((txt, img), 1)
-        for i, block in enumerate(self.single_blocks):
-            x = block(x, pe, mods[:, 3 * i : 3 * i + 3], mask)
-        x = x[:, txt.shape[1] :]
-        return self.final_layer(x, mods[:, -2:])
+
+def join_streams(txt: Tensor, img: Tensor, pes: tuple[Tensor, ...]) -> Tensor:
+    """Double-block streams -> the single-block stream ``[text_0, image_0, text_1, image_1, ...]``."""
+    if len(pes) == 1:
+        return torch.cat((txt, img), 1)
+    parts, start = [], 0
+    for s, pe in enumerate(pes):
+        length = pe.shape[2] - img.shape[1]
+        parts += [txt[:, start : start + length], img[s : s + 1]]
+        start += length
+    return torch.cat(parts, dim=1)
+
+
+def image_tokens(x: Tensor, image_len: int, pes: tuple[Tensor, ...]) -> Tensor:
+    """The image tokens of each segment of the single-block stream, stacked on the batch axis."""
+    if len(pes) == 1:
+        return x[:, x.shape[1] - image_len :]
+    parts, start = [], 0
+    for pe in pes:
+        end = start + pe.shape[2]
+        parts.append(x[:, end - image_len : end])
+        start = end
+    return torch.cat(parts, dim=0)
+
+
+# -- how blocks run ----------------------------------------------------------------------------
+
+
+def run_double(block, img, txt, pes, img_mod, txt_mod, mask):
+    return block(img, txt, pes, img_mod, txt_mod, mask)
+
+
+def run_single(block, x, pes, mod, mask):
+    return block(x, pes, mod, mask)
+
+
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+class Blocks:
+    """Runs the transformer blocks: eagerly, or compiled once and shared by every variant.
+
+    ``compile=True`` wraps two plain functions (one per block class) in ``torch.compile``: every
+    block of every fused variant goes through the same compiled code, its weights passed as
+    inputs, so a new LoRA variant costs no recompile. Token counts are marked dynamic, so a new
+    prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
+    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced.
+    """
+
+    def __init__(self, compile: bool = False, attention: str = "auto"):
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        self.compiled = compile
+        self.attention = attention
+        if compile:
+            import torch.fx.experimental._config as fx_config
+
+            # Equal token counts (e.g. two prompts of one length) must not be fused into one symbol,
+            # or the next pair of different lengths recompiles.
+            fx_config.use_duck_shape = False
+            self._double = torch.compile(run_double, dynamic=None)
+            self._single = torch.compile(run_single, dynamic=None)
+        else:
+            self._double, self._single = run_double, run_single
+
+    def double(self, block, img, txt, pes, img_mod, txt_mod, mask):
+        if self.compiled:
+            _mark_tokens(img, txt, *pes)
+        return self._double(block, img, txt, pes, img_mod, txt_mod, mask)
+
+    def single(self, block, x, pes, mod, mask):
+        if self.compiled:
+            _mark_tokens(x, None, *pes)
+        return self._single(block, x, pes, mod, mask)
+
+    def context(self):
+        if self.attention == "auto":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = {
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }
+        first = order.pop(self.attention)
+        return sdpa_kernel([first, *order.values()], set_priority=True)
+
+
+EAGER = Blocks()
+
+
+def _mark_tokens(stream: Tensor, txt: Tensor | None, *pes: Tensor) -> None:
+    """Token axes are dynamic: one graph serves every prompt length and resolution."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(stream, 1)
+    if txt is not None:
+        mark(txt, 1)
+    for pe in pes:
+        mark(pe, 2)

@@ -86,3 +86,40 @@ def quantize_float8(module: torch.nn.Module) -> None:
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
     quantize_(module, Float8WeightOnlyConfig())
+
+
+def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: str) -> None:
+    """Quantize one part of the transformer (``double_blocks.3``, ``single_blocks.0``, ``txt_in``...).
+
+    "float8": weight-only everywhere (the reference's numerics: bf16 activations, each weight
+    dequantized before a bf16 matmul). "float8-fast" (opt-in, lossy): the image-stream Linears
+    (a double block's ``img_*``, every single block) also quantize their activations to float8
+    per row and run float8 matmuls; the text stream and the small outer layers stay weight-only
+    (a float8 row-wise matmul with a bias refused a 31-row text input in cuBLAS).
+    """
+    if quantization == "none":
+        return
+    if quantization == "float8":
+        quantize_float8(module)
+        return
+    assert quantization == "float8-fast", quantization
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
+
+    def image_stream(layer: torch.nn.Module, name: str) -> bool:
+        if not isinstance(layer, torch.nn.Linear):
+            return False
+        return part.startswith("single_blocks.") or (
+            part.startswith("double_blocks.") and name.startswith("img_")
+        )
+
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=image_stream)
+    quantize_(
+        module,
+        Float8WeightOnlyConfig(),
+        filter_fn=lambda layer, name: isinstance(layer, torch.nn.Linear) and not image_stream(layer, name),
+    )

@@ -2,9 +2,17 @@
 
 ``Engine.load()`` reads the LoRA-independent parts once (tokenizer, T5, VAE) and the base
 transformer weights into host memory; ``Engine.generate()`` gets (or builds) the fused variant for
-the request's LoRA stack and renders each resolved prompt. Device failures are translated here:
-out-of-memory frees memory and fails the request; anything that leaves the CUDA context unusable
-becomes ``DeviceLost`` so the process can exit and be replaced.
+the request's LoRA stack and renders each resolved prompt.
+
+Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch each off):
+``drop_padding`` (exact: the masked padding tokens are removed, attention runs unmasked),
+``batch_cfg`` (both guidance branches in one pass, see ``ChromaTransformer.forward_batch``),
+``compile`` (blocks compiled once per worker, shared by every variant, dynamic token counts),
+``attention`` (the fused attention kernel). None of them changes the quantization: "float8" stays
+the reference's weight-only numerics; "float8-fast" (opt-in, lossy) adds float8 activations.
+
+Device failures are translated here: out-of-memory frees memory and fails the request; anything
+that leaves the CUDA context unusable becomes ``DeviceLost`` so the process can exit and be replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
 from tasks.schemas import ResolvedPrompt
 from worker import sampling
 from worker.checkpoint import load_transformer
+from worker.chroma_model import Blocks
 from worker.components import (
     Sources,
     fingerprint,
@@ -37,9 +46,11 @@ from worker.variants import BaseWeights, Variant, VariantCache, VariantKey, time
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("float8", "none")
+QUANTIZATIONS = ("float8", "float8-fast", "none")
+FLOAT8 = ("float8", "float8-fast")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+PARSED_LORAS_KEPT = 8
 # (prompt index, prompts, step, steps) -> None
 ProgressFn = Callable[[int, int, int, int], None]
 
@@ -54,6 +65,8 @@ class EngineConfig:
     variant_cache_bytes: int = 0
     rope_axes: tuple[int, ...] | None = None
     text_padding: str = "auto"  # "mask" | "drop" | "auto" (mask on the CPU, drop on CUDA)
+    batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
+    attention: str = "cudnn"  # SDPA kernel on CUDA: cudnn | flash | efficient | math | auto (PyTorch's)
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
@@ -67,7 +80,19 @@ class EngineConfig:
             variant_cache_bytes=settings.variant_cache_bytes,
             rope_axes=axes,
             text_padding=settings.text_padding,
+            batch_cfg=settings.batch_cfg,
+            attention=settings.attention,
         )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the denoising loop runs; every flag keeps the quantization's numerics."""
+
+    drop_padding: bool
+    batch_cfg: bool
+    compile: bool
+    attention: str
 
 
 @dataclass(frozen=True)
@@ -109,12 +134,24 @@ class Engine:
         # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
         # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
         padding = config.text_padding
-        self.drop_padding = padding == "drop" or (padding == "auto" and self.device.type == "cuda")
+        drop = padding == "drop" or (padding == "auto" and self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        self.recipe = Recipe(
+            drop_padding=drop,
+            batch_cfg=config.batch_cfg,
+            compile=config.compile and cuda,
+            attention=config.attention if cuda else "auto",  # the CUDA kernels' names mean nothing on a CPU
+        )
+        self.blocks = Blocks(compile=False, attention=self.recipe.attention)  # compiled in load()
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
         self.load_seconds: dict[str, float] = {}
         self._uncond: sampling.TextEmbedding | None = None
-        self._model_fn: sampling.ModelFn = _eager
+        self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
+
+    @property
+    def drop_padding(self) -> bool:
+        return self.recipe.drop_padding
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,13 +172,12 @@ class Engine:
         t2 = time.perf_counter()
         self.tokenizer = load_tokenizer(paths["tokenizer"])
         self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
-        if self.config.quantization == "float8":
-            quantize_float8(self.text_encoder)
+        if self.config.quantization in FLOAT8:
+            quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
         t3 = time.perf_counter()
         self.variants = VariantCache(self._variant_budget())
-        if self.config.compile and self.device.type == "cuda":
-            self._model_fn = torch.compile(_eager, dynamic=False)
+        self.blocks = self.blocks_for(self.recipe)
         self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
         self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
         self.loaded = True
@@ -184,7 +220,23 @@ class Engine:
             return cached, True
         parsed = self.parse_loras(loras)
         self.variants.make_room(self._estimate_bytes())
-        variant = self._guard(lambda: timed_build(self.base, key, parsed, self.device))
+
+        def build() -> Variant:
+            return timed_build(self.base, key, parsed, self.device)
+
+        try:
+            variant = self._guard(build)
+        except OutOfMemory:
+            if not len(self.variants):
+                raise
+            # The budget was too generous for what else holds memory: without this, every later
+            # new variant would fail the same way while the cache stays full.
+            log.warning(
+                "out of memory building a variant; evicting %d cached and retrying", len(self.variants)
+            )
+            self.variants.clear()
+            self.release_memory()
+            variant = self._guard(build)
         self.variants.put(variant)
         log.info(
             "built variant in %.2fs (%d merged layers)", variant.build_seconds, sum(variant.layers_merged)
@@ -192,7 +244,15 @@ class Engine:
         return variant, False
 
     def parse_loras(self, loras: list[LoraInput]) -> list[tuple[ParsedLora, float]]:
-        return [(parse_lora(lora.path, self.cfg, field=lora.field), lora.multiplier) for lora in loras]
+        """Parsed files by content hash: a new multiplier for a known LoRA reads nothing again."""
+        out = []
+        for lora in loras:
+            parsed = self._parsed.pop(lora.sha256, None) or parse_lora(lora.path, self.cfg, field=lora.field)
+            self._parsed[lora.sha256] = parsed
+            out.append((parsed, lora.multiplier))
+        while len(self._parsed) > PARSED_LORAS_KEPT:
+            self._parsed.pop(next(iter(self._parsed)))
+        return out
 
     # -- generation --------------------------------------------------------------------------
 
@@ -243,19 +303,41 @@ class Engine:
         sync = self._sync
         t0 = time.perf_counter()
         cond = sampling.encode_text(self.tokenizer, self.text_encoder, p.prompt)
-        uncond = self._uncond if p.guidance_scale > 1.00001 else None
         sync()
         t1 = time.perf_counter()
+        latents = self.denoise(variant, p, cond, on_step)
+        sync()
+        t2 = time.perf_counter()
+        with sampling.autocast_for(self.device, self.dtype):
+            image = sampling.decode(self.vae, latents, p.height, p.width)
+        t3 = time.perf_counter()
+        return Rendered(p, image, {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2})
+
+    def denoise(
+        self,
+        variant: Variant,
+        p: ResolvedPrompt,
+        cond: sampling.TextEmbedding,
+        on_step: sampling.StepCallback | None = None,
+        recipe: Recipe | None = None,
+    ):
+        """The denoising loop alone -> packed latents. ``recipe`` overrides the engine's (benchmarks)."""
+        recipe = recipe or self.recipe
+        blocks = self.blocks if recipe == self.recipe else self.blocks_for(recipe)
+        uncond = self._uncond if p.guidance_scale > 1.00001 else None
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
         scheduler = sampling.make_scheduler(p.sample_steps, latents.shape[1], self.device)
         model = variant.model
 
         def model_fn(img, txt, pe, timestep, guidance, mask):
-            return self._model_fn(model, img, txt, pe, timestep, guidance, mask)
+            return model(img, txt, pe, timestep, guidance, mask, blocks=blocks)
+
+        def batch_fn(img, txts, pes, timestep, guidance):
+            return model.forward_batch(img, txts, pes, timestep, guidance, blocks=blocks)
 
         with sampling.autocast_for(self.device, self.dtype):
-            latents = sampling.denoise(
+            return sampling.denoise(
                 model_fn,
                 latents,
                 cond,
@@ -264,25 +346,36 @@ class Engine:
                 scheduler,
                 self.cfg.axes_dim,
                 ids,
-                drop_padding=self.drop_padding,
+                drop_padding=recipe.drop_padding,
+                batch=batch_fn if recipe.batch_cfg else None,
                 on_step=on_step,
             )
-            sync()
-            t2 = time.perf_counter()
-            image = sampling.decode(self.vae, latents, p.height, p.width)
-        t3 = time.perf_counter()
-        return Rendered(p, image, {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2})
 
-    def warmup(self, sizes: list[tuple[int, int]], steps: int = 2) -> dict[str, float]:
-        """Compile and exercise the base variant at each size so users never pay for it."""
+    def blocks_for(self, recipe: Recipe) -> Blocks:
+        """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
+        if recipe == self.recipe and self.loaded:
+            return self.blocks
+        return Blocks(compile=recipe.compile, attention=recipe.attention)
+
+    def warmup(
+        self, sizes: list[tuple[int, int]], steps: int = 2, guidances: tuple[float, ...] = (4.0, 1.0)
+    ) -> dict[str, float]:
+        """Compile and exercise the base variant so users never pay for it.
+
+        Token counts are dynamic in the compiled graphs, so the first size compiles (once with
+        guidance, once without) and the others only exercise the VAE and allocator at that size.
+        """
         self.load()
         out = {}
         variant, _ = self.get_variant([])
         for width, height in sizes:
-            prompt = ResolvedPrompt(0, "warm-up", "", width, height, steps, 4.0, 0)
-            t0 = time.perf_counter()
-            self._guard(lambda prompt=prompt: self.render(variant, prompt))
-            out[f"{width}x{height}"] = time.perf_counter() - t0
+            for guidance in guidances:
+                prompt = ResolvedPrompt(
+                    0, "a warm-up prompt for the compiled graphs", "", width, height, steps, guidance, 0
+                )
+                t0 = time.perf_counter()
+                self._guard(lambda prompt=prompt: self.render(variant, prompt))
+                out[f"{width}x{height}/g{guidance:g}"] = time.perf_counter() - t0
         return out
 
     # -- device health -----------------------------------------------------------------------
@@ -320,12 +413,8 @@ class Engine:
         return 8 * 2**30
 
     def _estimate_bytes(self) -> int:
-        per_weight = 1 if self.config.quantization == "float8" else self.dtype.itemsize
+        per_weight = 1 if self.config.quantization in FLOAT8 else self.dtype.itemsize
         return sum(t.numel() for t in self.base.state.values()) * per_weight
-
-
-def _eager(model, img, txt, pe, timestep, guidance, mask):
-    return model(img, txt, pe, timestep, guidance, mask)
 
 
 DEVICE_LOST_MARKERS = (

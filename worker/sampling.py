@@ -35,6 +35,8 @@ SCHEDULER_CONFIG = {
 
 # (img, txt, pe, timestep, guidance, text_mask) -> velocity
 ModelFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+# (img, texts, pes, timestep, guidance) -> one velocity per text, stacked (S, N, C); no mask
+BatchFn = Callable[[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int], None]
 
 
@@ -137,9 +139,14 @@ def denoise(
     img_ids: Tensor,
     *,
     drop_padding: bool = True,
+    batch: BatchFn | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
-    """The Euler loop; classifier-free guidance runs only when guidance_scale > 1."""
+    """The Euler loop; classifier-free guidance runs only when guidance_scale > 1.
+
+    With ``batch`` (and padding dropped) both guidance branches run in one transformer pass per
+    step (``ChromaTransformer.forward_batch``): the same function, each weight read once.
+    """
     use_cfg = guidance_scale > 1.00001
     txt, txt_mask = cond.for_transformer(drop_padding)
     pe = rope_for(txt.shape[1], img_ids, axes_dim)
@@ -149,12 +156,17 @@ def denoise(
         u_pe = rope_for(u_txt.shape[1], img_ids, axes_dim)
     guidance = torch.zeros(latents.shape[0], device=latents.device, dtype=torch.float32)
     timesteps = scheduler.timesteps
+    batched = use_cfg and drop_padding and batch is not None and latents.shape[0] == 1
     for i, t in enumerate(timesteps):
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        noise = model(latents, txt, pe, timestep, guidance, txt_mask)
-        if use_cfg:
-            noise_uncond = model(latents, u_txt, u_pe, timestep, guidance, u_mask)
+        if batched:
+            noise, noise_uncond = batch(latents, (txt, u_txt), (pe, u_pe), timestep, guidance).split(1)
             noise = noise_uncond + guidance_scale * (noise - noise_uncond)
+        else:
+            noise = model(latents, txt, pe, timestep, guidance, txt_mask)
+            if use_cfg:
+                noise_uncond = model(latents, u_txt, u_pe, timestep, guidance, u_mask)
+                noise = noise_uncond + guidance_scale * (noise - noise_uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))

@@ -1,9 +1,11 @@
 """Fused variants: base weights + LoRA deltas, merged, then quantized; cached least-recently-used.
 
 The base transformer weights stay resident in (pinned) host memory, so a new (LoRA, multiplier)
-variant is: copy base -> device, add each LoRA delta in float32, quantize, wrap in a module built
-on the meta device (no initialisation, no checkpoint read). T5, tokenizer and VAE are not here:
-they do not depend on the LoRA.
+variant is built part by part (each double/single block, then the small outer layers): copy the
+part's base weights to the device, add the LoRA deltas that land in it, load them into a module
+built on the meta device (no initialisation, no checkpoint read), quantize. Only one part is ever
+held in the compute dtype, so the transient memory is one block (~0.45 GB), not a second
+unquantized transformer. T5, tokenizer and VAE are not here: they do not depend on the LoRA.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from torch import Tensor
 
 from worker.chroma_model import ChromaConfig, ChromaTransformer
-from worker.components import quantize_float8
-from worker.lora import ParsedLora, merge_into
+from worker.components import quantize_transformer_part
+from worker.lora import LoraLayer, ParsedLora, merge_into
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,41 @@ class BaseWeights:
     def build(
         self, loras: list[tuple[ParsedLora, float]], quantization: str, device: torch.device
     ) -> ChromaTransformer:
-        weights = {name: t.to(device, non_blocking=True, copy=True) for name, t in self.state.items()}
-        merge_into(weights, loras)
         with torch.device("meta"):
             model = ChromaTransformer(self.cfg)
-        model.load_state_dict(weights, strict=True, assign=True)
+        for part, module in _parts(model):
+            prefix = part + "."
+            weights = {
+                name: tensor.to(device, non_blocking=True, copy=True)
+                for name, tensor in self.state.items()
+                if name.startswith(prefix)
+            }
+            merge_into(weights, [(_only(parsed, prefix), mult) for parsed, mult in loras])
+            module.load_state_dict(
+                {name[len(prefix) :]: t for name, t in weights.items()}, strict=True, assign=True
+            )
+            del weights
+            quantize_transformer_part(part, module, quantization)
         model.mod_index = torch.arange(self.cfg.num_modulations, device=device)
-        model.eval().requires_grad_(False)
-        if quantization in ("float8", "float8-fast"):
-            quantize_float8(model)
-        return model
+        return model.eval().requires_grad_(False)
+
+
+def _parts(model: ChromaTransformer) -> list[tuple[str, torch.nn.Module]]:
+    """Each block, then each outer layer: the units a variant is built (and quantized) in."""
+    parts = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            parts += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+        else:
+            parts.append((name, child))
+    return parts
+
+
+def _only(parsed: ParsedLora, prefix: str) -> ParsedLora:
+    layers: tuple[LoraLayer, ...] = tuple(
+        layer for layer in parsed.layers if f"{layer.target}.".startswith(prefix)
+    )
+    return ParsedLora(layers)
 
 
 def module_bytes(model: torch.nn.Module) -> int:

@@ -1,0 +1,687 @@
+"""Full-size Chroma benchmark on random weights: reference-style path vs the engine's fast paths.
+
+Builds every component at its real shape with random values (speed does not depend on values):
+the 8.9B transformer written as ONE single-file safetensors checkpoint and loaded through the
+engine's own loading code (``Engine.load``: checkpoint read, pinned host copy, per-part variant
+build), a T5-XXL v1.1 encoder, a FLUX VAE and a tokenizer of T5's vocabulary size. Then, side by
+side in one process on one card:
+
+  reference   torchao float8 weight-only, eager, all 512 text tokens with a boolean mask, two
+              transformer passes per step (ai-toolkit's inference, op for op)
+  faithful    the default: same numerics (float8 weight-only, bf16 activations), padding
+              dropped, both guidance branches in one pass, blocks compiled (dynamic token counts)
+  fast        quantization "float8-fast" (opt-in, lossy): float8 activations on the image stream
+  switch      a new (LoRA, multiplier) variant from the resident base weights, recompiles after it,
+              variants resident within the engine's memory budget
+  end to end  one request through ``Engine.generate``: encode, denoise, decode, PNG
+  faults      out-of-memory inside ``Engine._guard``; a device-side assert in a subprocess
+
+Seconds are the denoising loop alone (25 steps, guidance 4, 1024x1024 by default), medians of
+``--runs`` runs, synchronized. Usage::
+
+    python bench/bench.py --out results/            # full size, CUDA
+    python bench/bench.py --scale smoke --out /tmp/s  # full width, 2+2 blocks: a quick check
+    python bench/bench.py --scale tiny --device cpu   # the code paths on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Cold compiles are part of what we measure: never reuse another run's inductor cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
+
+
+def engine_only() -> None:
+    """Make ``worker`` importable without running ``worker/__init__`` (the Celery app, S3 client).
+
+    The engine knows nothing of Celery or S3, so the benchmark runs on a bare GPU machine with
+    torch, diffusers and torchao alone.
+    """
+    import types
+
+    package = types.ModuleType("worker")
+    package.__path__ = [str(ROOT / "worker")]
+    sys.modules.setdefault("worker", package)
+
+
+engine_only()
+
+import torch  # noqa: E402
+
+from tasks.schemas import ResolvedPrompt  # noqa: E402
+from worker import sampling  # noqa: E402
+from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
+from worker.components import Sources  # noqa: E402
+from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
+from worker.variants import timed_build  # noqa: E402
+
+PROMPT = (
+    "a cinematic photo of a red fox standing in a snowy forest at dawn with soft golden light "
+    "falling through the tall pine trees while mist rises from a frozen river in the valley below"
+)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SCALES = {
+    # transformer config, T5 overrides, VAE overrides, size, steps
+    "full": (ChromaConfig(), {}, {}, 1024, 25),
+    "smoke": (ChromaConfig(depth=2, depth_single=2), {"num_layers": 2}, {}, 512, 3),
+    "tiny": (
+        ChromaConfig(
+            context_dim=64,
+            hidden_size=64,
+            num_heads=2,
+            depth=2,
+            depth_single=2,
+            approximator_hidden=32,
+            approximator_depth=2,
+            axes_dim=(4, 14, 14),
+        ),
+        dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2),
+        dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
+        64,
+        2,
+    ),
+}
+
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+# -- components at their real shapes, random values ------------------------------------------------
+
+
+def write_components(folder: Path, scale: str, device: torch.device) -> Sources:
+    cfg, t5_over, vae_over, _, _ = SCALES[scale]
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer = folder / "chroma-random.safetensors"
+    if not transformer.exists():
+        write_transformer(transformer, cfg, device)
+    if not (folder / "text_encoder" / "config.json").exists():
+        write_t5(folder / "text_encoder", {**T5_XXL, **t5_over, "d_model_ctx": cfg.context_dim}, device)
+    if not (folder / "tokenizer" / "tokenizer.json").exists():
+        write_tokenizer(folder / "tokenizer", T5_XXL["vocab_size"])
+    if not (folder / "vae" / "config.json").exists():
+        write_vae(folder / "vae", {**FLUX_VAE, **vae_over})
+    return Sources(
+        str(transformer), str(folder / "text_encoder"), str(folder / "tokenizer"), str(folder / "vae")
+    )
+
+
+def write_transformer(path: Path, cfg: ChromaConfig, device: torch.device) -> None:
+    """One single-file checkpoint, original key names, bf16 (as Chroma1-Base ships)."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        model = ChromaTransformer(cfg)
+    gen = torch.Generator(device).manual_seed(0)
+    state = {}
+    for name, p in model.state_dict().items():
+        value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+        value = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
+        state[name] = value.to(torch.bfloat16).cpu()
+    save_file(state, str(path))
+
+
+def write_t5(path: Path, shape: dict, device: torch.device) -> None:
+    """T5-XXL v1.1 encoder shape, built on meta and materialised on the device (never on the CPU)."""
+    from transformers import T5Config, T5EncoderModel
+
+    d_model = shape.pop("d_model_ctx")
+    assert d_model == shape["d_model"], "the transformer's text width must be T5's d_model"
+    config = T5Config(
+        **shape,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+    )
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.fill_(1.0)
+            elif "shared" in name or "embed_tokens" in name:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.save_pretrained(str(path), safe_serialization=True)
+    del model
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with T5's vocabulary size (the prompt's words are in it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in PROMPT.split():
+        vocab.setdefault(word, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
+    )
+    fast.save_pretrained(str(path))
+
+
+def write_vae(path: Path, config: dict) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**config)  # ~84M parameters: default init on the CPU takes a second
+    vae.save_pretrained(str(path), safe_serialization=True)
+
+
+def write_lora(path: Path, cfg: ChromaConfig, rank: int, device: torch.device) -> str:
+    """An ai-toolkit-style LoRA (fp16, no alpha) on every Linear of every block; returns its sha256."""
+    from safetensors.torch import save_file
+
+    from worker.lora import module_table
+
+    table = module_table(cfg)
+    targets = [n for n, b in table.items() if n == b.target and n.startswith(("double_", "single_"))]
+    gen = torch.Generator(device).manual_seed(2)
+    tensors = {}
+    for name in targets:
+        block = table[name]
+        rows = block.stop - block.start
+        down = 0.01 * torch.randn(rank, block.in_features, generator=gen, device=device)
+        up = 0.01 * torch.randn(rows, rank, generator=gen, device=device)
+        tensors[f"diffusion_model.{name}.lora_A.weight"] = down.half().cpu()
+        tensors[f"diffusion_model.{name}.lora_B.weight"] = up.half().cpu()
+    save_file(tensors, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn) -> tuple[float, object]:
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - t0, out
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def per_forward_check(engine: Engine, reference, variant, cond, size: int, blocks, label: str) -> dict:
+    """One forward at mid-schedule: ``variant`` on the fast path vs ``reference`` eager and masked."""
+    dev, dtype, cfg = engine.device, engine.dtype, engine.cfg
+    gen = torch.Generator("cpu").manual_seed(11)
+    n = (size // 16) ** 2
+    img = torch.randn(1, n, cfg.in_channels, generator=gen, dtype=dtype).to(dev)
+    ids = sampling.image_ids(size, size, dtype, dev)
+    ts = torch.tensor([0.6], dtype=dtype, device=dev)
+    g = torch.zeros(1, device=dev)
+    uncond = engine._uncond
+    out = {}
+    with torch.inference_mode(), sampling.autocast_for(dev, dtype):
+        ref = []
+        for text in (cond, uncond):
+            full, mask = text.for_transformer(False)
+            ref.append(
+                variant.model(img, full, sampling.rope_for(full.shape[1], ids, cfg.axes_dim), ts, g, mask)
+            )
+        txts = tuple(t.for_transformer(True)[0] for t in (cond, uncond))
+        pes = tuple(sampling.rope_for(t.shape[1], ids, cfg.axes_dim) for t in txts)
+        dropped = [reference.model(img, t, p, ts, g) for t, p in zip(txts, pes, strict=True)]
+        fast = variant.model.forward_batch(img, txts, pes, ts, g, blocks=blocks).split(1)
+    cfg_ref = ref[1] + 4.0 * (ref[0] - ref[1])
+    cfg_fast = fast[1] + 4.0 * (fast[0] - fast[1])
+    out[f"{label}_vs_reference_cond"] = rel(fast[0], ref[0])
+    out[f"{label}_vs_reference_uncond"] = rel(fast[1], ref[1])
+    out[f"{label}_vs_reference_guided"] = rel(cfg_fast, cfg_ref)
+    out["eager_dropped_vs_masked_cond"] = rel(dropped[0], ref[0])
+    out["finite"] = bool(all(torch.isfinite(t).all() for t in (*ref, *fast)))
+    return out
+
+
+def attention_kernels(device: torch.device, tokens: int) -> dict:
+    """SDPA alone at the fast path's shape (24 heads of 128), each backend that runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 24, tokens, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * tokens * tokens * 128 * 24
+    out: dict = {}
+    flash_ref = None
+    for name, backend in [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ]:
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                ref = fn()
+                for _ in range(3):
+                    fn()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / 20
+            out[name] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)}
+            if flash_ref is None:
+                flash_ref = ref
+            else:
+                out[name]["rel_vs_flash"] = rel(ref, flash_ref)
+        except RuntimeError as exc:
+            out[name] = {"error": str(exc).splitlines()[0][:200]}
+    return out
+
+
+def time_denoise(engine, clock, variant, p, cond, runs, recipe=None) -> list[float]:
+    return [clock.time(lambda: engine.denoise(variant, p, cond, recipe=recipe))[0] for _ in range(runs)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "chroma-bench")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--reference-runs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--attention", default="best", help="auto|cudnn|flash|efficient|best (fastest measured)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--skip", default="", help="comma list: faithful,fast,reference,switch,e2e,faults,ladder")
+    ap.add_argument(
+        "--quantization", choices=["float8", "float8-fast"], default="float8", help="the engine's own mode"
+    )
+    ap.add_argument("--warm-guidance", default="4,1", help="guidance values the warm-up compiles for")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg_t, _, _, size, steps = SCALES[args.scale]
+    size, steps = args.size or size, args.steps or steps
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    clock = Clock(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"scale": args.scale, "size": size, "steps": steps, "guidance": 4.0, "argv": sys.argv}
+    table: list[tuple[str, str]] = []
+
+    def save() -> None:
+        (args.out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
+        (args.out / "bench.log").write_text("\n".join(LOG) + "\n")
+
+    import diffusers
+    import torchao
+    import transformers
+
+    res["versions"] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "torchao": torchao.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        res["card"] = {
+            "name": props.name,
+            "memory_gib": gib(props.total_memory),
+            "sm": f"{props.major}.{props.minor}",
+        }
+    log(f"versions {res['versions']} card {res.get('card')}")
+
+    # 1. components on disk, then the engine loads them like production does
+    seconds, sources = clock.time(lambda: write_components(args.work, args.scale, device))
+    res["write_components_s"] = round(seconds, 1)
+    log(f"components written in {seconds:.1f}s to {args.work}")
+    attention = args.attention
+    if cuda and attention == "best":
+        kernels = attention_kernels(device, (size // 16) ** 2 + 32)
+        res["attention_kernels"] = kernels
+        ok = {k: v["ms"] for k, v in kernels.items() if "ms" in v and v.get("rel_vs_flash", 0) < 1e-2}
+        attention = min(ok, key=ok.get)
+        log(f"attention kernels {kernels} -> {attention}")
+    elif attention == "best":
+        attention = "auto"
+    res["attention"] = attention
+    config = EngineConfig(sources, quantization=args.quantization, compile=True, attention=attention)
+    other = "float8-fast" if args.quantization == "float8" else "float8"
+    engine = Engine(config)
+    seconds, _ = clock.time(engine.load)
+    res["load_s"] = round(seconds, 1)
+    res["load_parts_s"] = {k: round(v, 1) for k, v in engine.load_seconds.items()}
+    res["recipe"] = dataclasses.asdict(engine.recipe)
+    if cuda:
+        res["memory_after_load_gib"] = gib(torch.cuda.memory_allocated(device))
+    log(f"engine loaded in {seconds:.1f}s {engine.load_seconds}; recipe {engine.recipe}")
+    save()
+
+    p = ResolvedPrompt(0, PROMPT, "", size, size, steps, 4.0, 42)
+    one_step = ResolvedPrompt(0, PROMPT, "", size, size, 1, 4.0, 0)
+    cond = sampling.encode_text(engine.tokenizer, engine.text_encoder, PROMPT)
+    res["text_tokens_attended"] = {"cond": cond.attended, "uncond": engine._uncond.attended}
+    st: dict = {}  # what later sections take from earlier ones
+    warm_guidance = tuple(float(g) for g in args.warm_guidance.split(","))
+
+    def warmup() -> None:
+        """The worker-start warm-up: base variant build + compile (with and without guidance)."""
+        st["variant"], _ = engine.get_variant([])  # later sections need it even if compiling fails
+        g0 = graphs()
+        try:
+            seconds, warm = clock.time(
+                lambda: engine.warmup([(size, size)], steps=1, guidances=warm_guidance)
+            )
+        except Exception as exc:  # a kernel choice that does not compile: fall back to PyTorch's
+            if engine.recipe.attention == "auto":
+                raise
+            log(f"warm-up failed with attention={engine.recipe.attention}: {exc!r}; retrying with auto")
+            res["attention_fallback"] = repr(exc)[:500]
+            torch._dynamo.reset()
+            engine.recipe = dataclasses.replace(engine.recipe, attention="auto")
+            engine.blocks = Blocks(compile=engine.recipe.compile, attention="auto")
+            seconds, warm = clock.time(
+                lambda: engine.warmup([(size, size)], steps=1, guidances=warm_guidance)
+            )
+        res["warmup_s"] = round(seconds, 1)
+        res["warmup_parts_s"] = {k: round(v, 1) for k, v in warm.items()}
+        res["warmup_graphs"] = graphs() - g0
+        res["variant_build_base_s"] = round(st["variant"].build_seconds, 3)
+        res["variant_bytes_gib"] = gib(st["variant"].nbytes)
+        log(f"warm-up {seconds:.1f}s {warm}, {res['warmup_graphs']} graphs compiled")
+        from torch._dynamo.utils import compile_times
+
+        res["compile_times"] = compile_times(repr="str", aggregate=True)[:4000]
+        table.append(("worker-start warm-up (variant build + compile), s", str(res["warmup_s"])))
+
+    def new_shapes() -> None:
+        """A new resolution and a new prompt length: no new graphs expected."""
+        g0 = graphs()
+        other = ResolvedPrompt(0, PROMPT, "", size * 3 // 4, size * 5 // 4, 2, 4.0, 1)
+        short = sampling.encode_text(engine.tokenizer, engine.text_encoder, "a red fox")
+        seconds, _ = clock.time(lambda: engine.denoise(st["variant"], other, short))
+        res["new_size_and_length"] = {
+            "size": f"{other.width}x{other.height}",
+            "prompt_tokens": short.attended,
+            "s_2_steps": round(seconds, 2),
+            "new_graphs": graphs() - g0,
+        }
+        log(f"new size/length {res['new_size_and_length']}")
+        table.append(
+            ("graphs compiled for a new size + prompt length", str(res["new_size_and_length"]["new_graphs"]))
+        )
+
+    label = {"float8": "faithful", "float8-fast": "fast"}
+
+    def variant_for(quantization: str):
+        """The engine's own base variant, or one built for the other mode (same compiled blocks)."""
+        if quantization == engine.config.quantization:
+            return st["variant"]
+        if quantization not in st:
+            key = engine.variant_key([])
+            st[quantization] = timed_build(
+                engine.base, type(key)(key.base, quantization, key.dtype, ()), [], device
+            )
+        return st[quantization]
+
+    def measure_mode(quantization: str) -> None:
+        """Seconds per image on the compiled path for one quantization, and its per-forward error."""
+        name = label[quantization]
+        variant = variant_for(quantization)
+        torch.cuda.reset_peak_memory_stats(device)
+        g0 = graphs()
+        first, _ = clock.time(lambda: engine.denoise(variant, one_step, cond))
+        res[f"{name}_first_1_step_s"] = round(first, 1)
+        times = time_denoise(engine, clock, variant, p, cond, args.runs)
+        res[f"{name}_s"] = [round(t, 3) for t in times]
+        res[f"{name}_median_s"] = round(statistics.median(times), 3)
+        res[f"{name}_new_graphs"] = graphs() - g0
+        res[f"{name}_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
+        log(f"{name} {res[f'{name}_s']} (first 1-step call {first:.1f}s)")
+        title = {"faithful": "faithful fast path (default)", "fast": "fast mode float8-fast (opt-in, lossy)"}
+        table.append((f"{title[name]}, s/image", f"{res[f'{name}_median_s']:.2f}"))
+        table.append((f"peak GPU memory during the {name} loop, GiB", str(res[f"{name}_peak_gib"])))
+        check = per_forward_check(engine, variant_for("float8"), variant, cond, size, engine.blocks, name)
+        res[f"{name}_check"] = check
+        log(f"{name} check {check}")
+        worst = max(check[f"{name}_vs_reference_cond"], check[f"{name}_vs_reference_uncond"])
+        table.append((f"{name} per-forward rel. diff vs eager fp8 masked", f"{worst:.1e}"))
+
+    def reference() -> None:
+        """The reference's way: eager, 512 masked tokens, two passes per step (same float8 variant)."""
+        recipe = Recipe(drop_padding=False, batch_cfg=False, compile=False, attention="auto")
+        variant = variant_for("float8")
+        time_denoise(engine, clock, variant, one_step, cond, 1, recipe)
+        times = time_denoise(engine, clock, variant, p, cond, args.reference_runs, recipe)
+        res["reference_s"] = [round(t, 3) for t in times]
+        res["reference_median_s"] = round(statistics.median(times), 3)
+        log(f"reference-style eager masked {res['reference_s']}")
+        table.insert(
+            0,
+            (
+                "reference-style: eager fp8 weight-only, masked, 2 passes, s/image",
+                f"{res['reference_median_s']:.2f}",
+            ),
+        )
+
+    def switch() -> None:
+        """A new (LoRA, multiplier) variant from the resident base weights."""
+        lora_path = args.work / f"lora-r{args.lora_rank}.safetensors"
+        sha = write_lora(lora_path, engine.cfg, args.lora_rank, device)
+        st["lora"] = (lora_path, sha)
+        builds = []
+        for i, mult in enumerate((1.0, 0.75, 0.5, 1.25)):
+            lora = LoraInput(lora_path, sha, mult)
+            seconds, (v, _) = clock.time(lambda lora=lora: engine.get_variant([lora]))
+            builds.append(
+                {
+                    "multiplier": mult,
+                    "get_variant_s": round(seconds, 3),
+                    "build_s": round(v.build_seconds, 3),
+                    "parsed_file": i == 0,
+                }
+            )
+        res["switch"] = builds
+        res["switch_median_build_s"] = round(statistics.median(b["get_variant_s"] for b in builds[1:]), 3)
+        table.append(
+            ("variant switch (new multiplier, resident base), s", f"{res['switch_median_build_s']:.2f}")
+        )
+        g0 = graphs()
+        seconds, _ = clock.time(
+            lambda: engine.denoise(v, ResolvedPrompt(0, PROMPT, "", size, size, 2, 4.0, 0), cond)
+        )
+        res["switch_first_denoise_2_steps_s"] = round(seconds, 3)
+        res["switch_recompiles"] = graphs() - g0
+        log(f"switch {builds}; recompiles after switch {res['switch_recompiles']}")
+        table.append(("graphs compiled after a variant switch", str(res["switch_recompiles"])))
+        mult, counts = 1.5, []
+        while engine.variants.evictions == 0 and len(counts) < 16:
+            mult -= 0.1
+            engine.get_variant([LoraInput(lora_path, sha, round(mult, 2))])
+            counts.append(len(engine.variants))
+        res["variants"] = {
+            "budget_gib": gib(engine.variants.budget_bytes),
+            "resident_max": max(counts + [len(engine.variants)]),
+            "budget_reached": engine.variants.evictions > 0,
+            "evictions": engine.variants.evictions,
+            "cache_gib": gib(engine.variants.nbytes),
+        }
+        if cuda:
+            free, total = torch.cuda.mem_get_info(device)
+            res["variants"]["device_used_gib"] = gib(total - free)
+        log(f"variants {res['variants']}")
+        table.append(("variants resident within the default budget", str(res["variants"]["resident_max"])))
+
+    def end_to_end() -> None:
+        """One request: encode, denoise, decode, PNG."""
+        loras = [LoraInput(*st["lora"], 1.0)] if "lora" in st else []
+        seconds, gen = clock.time(lambda: engine.generate([p], loras))
+        image = gen.images[0].image
+        png = args.out / "e2e.png"
+        image.save(png)
+        res["e2e"] = {
+            "s": round(seconds, 2),
+            "timings": {k: round(v, 3) for k, v in gen.images[0].timings.items()},
+            "variant_cache_hit": gen.variant["cache_hit"],
+            "png_bytes": png.stat().st_size,
+            "size": image.size,
+        }
+        log(f"end to end {res['e2e']}")
+        table.append(("one request end to end (variant+encode+denoise+decode), s", f"{seconds:.2f}"))
+
+    def ladder() -> None:
+        """Each exact lever without compile, to show what each one gives."""
+        for name, recipe in [
+            ("eager_drop", Recipe(True, False, False, engine.recipe.attention)),
+            ("eager_drop_batch", Recipe(True, True, False, engine.recipe.attention)),
+        ]:
+            time_denoise(engine, clock, variant_for("float8"), one_step, cond, 1, recipe)
+            seconds = time_denoise(engine, clock, variant_for("float8"), p, cond, 1, recipe)[0]
+            res[f"{name}_s"] = round(seconds, 3)
+            log(f"{name} {seconds:.2f}s")
+
+    sections = [  # most wanted first: a run cut short keeps what it measured
+        ("warmup", warmup, True),
+        (label[args.quantization], lambda: measure_mode(args.quantization), cuda),
+        ("reference", reference, True),
+        ("switch", switch, True),
+        ("e2e", end_to_end, True),
+        ("faults", lambda: res.__setitem__("faults", faults(engine, st)), cuda),
+        ("new_shapes", new_shapes, True),
+        (label[other], lambda: measure_mode(other), cuda),
+        ("ladder", ladder, True),
+    ]
+    for name, fn, wanted in sections:
+        if not wanted or name in skip:
+            continue
+        if name != "warmup" and "variant" not in st:
+            break
+        try:
+            fn()
+        except Exception:
+            res[f"{name}_error"] = traceback.format_exc()[-3000:]
+            log(f"section {name} FAILED:\n{res[f'{name}_error']}")
+        engine.release_memory()
+        save()
+
+    if "reference_median_s" in res:
+        for name in ("faithful", "fast"):
+            if f"{name}_median_s" in res:
+                table.append(
+                    (
+                        f"speed-up {name} vs reference",
+                        f"{res['reference_median_s'] / res[f'{name}_median_s']:.2f}x",
+                    )
+                )
+    res["table"] = table
+    save()
+    print("\n" + "-" * 78)
+    card = res.get("card", {}).get("name", str(device))
+    print(f"{card}  torch {torch.__version__}  torchao {torchao.__version__}  {size}x{size} {steps} steps g4")
+    for name, value in table:
+        print(f"{name:<68} {value:>9}")
+    return 0
+
+
+def faults(engine: Engine, st: dict) -> dict:
+    from tasks.errors import OutOfMemory
+
+    for name in ("float8", "float8-fast"):  # variants the benchmark built outside the engine's cache
+        st.pop(name, None)
+    engine.release_memory()
+    out: dict = {}
+    before = torch.cuda.memory_allocated()
+    try:
+        engine._guard(lambda: torch.empty(1 << 46, dtype=torch.uint8, device=engine.device))  # 64 TiB
+        out["oom"] = "no error raised"
+    except OutOfMemory as exc:
+        out["oom"] = f"{type(exc).__name__}({exc.code}): {exc}"
+    out["oom_allocated_gib_before_after"] = [gib(before), gib(torch.cuda.memory_allocated())]
+    variant = st["variant"]
+    small = ResolvedPrompt(0, "after the oom", "", 512, 512, 2, 4.0, 0)
+    rendered = engine._guard(lambda: engine.render(variant, small))
+    out["render_after_oom"] = f"ok {rendered.image.size}"
+    code = (
+        "import sys, types, torch\n"
+        "sys.modules['worker'] = types.ModuleType('worker')\n"
+        "sys.modules['worker'].__path__ = ['worker']\n"
+        "from worker.engine import is_device_lost, probe_device\n"
+        "try:\n"
+        "    torch.zeros(1, device='cuda')[torch.tensor([5], device='cuda')]\n"
+        "    torch.cuda.synchronize()\n"
+        "    print('no error')\n"
+        "except RuntimeError as exc:\n"
+        "    print('error:', str(exc).splitlines()[0])\n"
+        "    print('is_device_lost:', is_device_lost(exc))\n"
+        "    print('probe_device:', probe_device())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out["device_assert_subprocess"] = proc.stdout.strip().splitlines()
+    out["device_assert_rc"] = proc.returncode
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
