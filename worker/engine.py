@@ -388,16 +388,14 @@ class Engine:
         """Run device work; map OOM to OutOfMemory (after freeing) and broken contexts to DeviceLost."""
         try:
             return fn()
-        except torch.OutOfMemoryError as exc:
-            del exc
-            self.release_memory()
-            raise OutOfMemory(
-                "the request did not fit in device memory; use a smaller width/height or fewer LoRAs"
-            ) from None
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: its traceback holds the failed work's tensors
         except RuntimeError as exc:
             if self.device.type == "cuda" and is_device_lost(exc):
                 raise DeviceLost(f"CUDA context is unusable: {exc}") from exc
             raise
+        self.release_memory()
+        raise OutOfMemory("the request did not fit in device memory; use a smaller width/height or fewer LoRAs")
 
     def release_memory(self) -> None:
         gc.collect()
