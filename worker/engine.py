@@ -395,7 +395,9 @@ class Engine:
                 raise DeviceLost(f"CUDA context is unusable: {exc}") from exc
             raise
         self.release_memory()
-        raise OutOfMemory("the request did not fit in device memory; use a smaller width/height or fewer LoRAs")
+        raise OutOfMemory(
+            "the request did not fit in device memory; use a smaller width/height or fewer LoRAs"
+        )
 
     def release_memory(self) -> None:
         gc.collect()
