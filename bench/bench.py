@@ -67,6 +67,7 @@ from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
 from worker.components import Sources  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
+from worker.tiny import FLUX_VAE  # noqa: E402
 from worker.variants import timed_build  # noqa: E402
 
 PROMPT = (
@@ -74,21 +75,6 @@ PROMPT = (
     "falling through the tall pine trees while mist rises from a frozen river in the valley below"
 )
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128)
-FLUX_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
 SCALES = {
     # transformer config, T5 overrides, VAE overrides, size, steps
     "full": (ChromaConfig(), {}, {}, 1024, 25),
@@ -134,7 +120,7 @@ def write_components(folder: Path, scale: str, device: torch.device) -> Sources:
     if not (folder / "tokenizer" / "tokenizer.json").exists():
         write_tokenizer(folder / "tokenizer", T5_XXL["vocab_size"])
     if not (folder / "vae" / "config.json").exists():
-        write_vae(folder / "vae", {**FLUX_VAE, **vae_over})
+        write_vae(folder / "vae", {**FLUX_VAE, "sample_size": 1024, **vae_over})
     return Sources(
         str(transformer), str(folder / "text_encoder"), str(folder / "tokenizer"), str(folder / "vae")
     )

@@ -30,6 +30,21 @@ TINY = ChromaConfig(
     approximator_depth=2,
     axes_dim=(4, 14, 14),
 )
+# The FLUX VAE's architecture (ostris/Flex.1-alpha/vae); the tiny model narrows its channels.
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 WORDS = tuple(
     "a photo of the person portrait sks ohwx man woman dog cat in on at with red blue green "
     "forest city night day sun light painting style cinematic close up smiling standing "
@@ -109,19 +124,8 @@ def _write_vae(path: Path, generator: torch.Generator) -> None:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
+        **{**FLUX_VAE, "block_out_channels": (16,) * 4, "layers_per_block": 1, "norm_num_groups": 8},
         sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
     )
     with torch.no_grad():
         for name, param in vae.named_parameters():
