@@ -10,7 +10,8 @@ Queue semantics:
 - At-least-once: late acknowledgement, requeue when the worker process is lost, prefetch 1, and a
   Redis visibility timeout longer than the hard time limit (``Settings`` enforces the order), so
   Redis never redelivers a task that is still running. Bounding redeliveries is the worker's job
-  (``Settings.max_deliveries``).
+  (``Settings.max_deliveries``). A broker restart does not stop a running task: it finishes and is
+  acknowledged after the reconnect (the worker also retries result writes while Redis is away).
 - One generation at a time per worker process (``worker_concurrency=1``; the worker command
   runs one prefork pool process: the only process that touches CUDA, replaced when it dies).
 
@@ -71,7 +72,10 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Broker connection lost mid-task (Redis restart): let the generation finish. Its late ack
+        # reaches Redis by delivery tag after the reconnect. Cancelling instead marks the task
+        # REVOKED and strands its message until the visibility timeout (tests/integration).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
@@ -86,7 +90,9 @@ def make_celery(settings: Settings) -> Celery:
         redis_backend_health_check_interval=REDIS_HEALTH_CHECK_INTERVAL,
         redis_retry_on_timeout=True,
         result_expires=settings.result_expires,
-        result_extended=True,
+        # Task arguments stay out of the result store: a raw message could carry what a request
+        # must not (result.json keeps the validated request).
+        result_extended=False,
         task_track_started=True,
         # Limits: the visibility timeout exceeds the hard limit (checked by Settings).
         task_time_limit=settings.task_time_limit,

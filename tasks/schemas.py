@@ -302,7 +302,8 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "missing":
         return "field required"
     if kind == "none_required":
-        return f"not supported here; remove it or set it to null (got {_short(value)})"
+        # The value is not echoed: these fields (hf_token, ...) may carry a secret.
+        return "not supported here; remove it or set it to null"
     if kind == "finite_number":
         return "must be a finite number (NaN and infinity are not allowed)"
     if kind == "value_error":

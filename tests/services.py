@@ -8,10 +8,12 @@ needs the endpoint to answer 5xx or go away.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -30,30 +32,54 @@ SECRET_KEY = "integration-secret-key-never-logged"
 
 
 class RedisServer:
-    def __init__(self, folder: Path):
+    """``redis-server`` on a free port with append-only persistence, optionally with a password
+    (``requirepass``) and TLS only (a CA and server certificate made for the test)."""
+
+    def __init__(self, folder: Path, password: str | None = None, tls: bool = False):
         if shutil.which("redis-server") is None:
             raise RuntimeError(
                 "redis-server is not installed; run ./scripts/bootstrap.sh or apt-get install redis-server"
             )
         self.folder = folder
+        self.password = password
         self.port = free_port()
+        self.ca_file: Path | None = None
         self.process: subprocess.Popen | None = None
+        if tls:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.ca_file, self._cert_file, self._key_file = write_tls_files(folder / "tls")
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        """``redis://[:password@]127.0.0.1:port`` (``rediss://`` with TLS); add ``/db`` or use ``url_for``."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.ca_file else 'redis'}://{auth}127.0.0.1:{self.port}"
+
+    def url_for(self, db: int) -> str:
+        """The URL of database ``db``, with the TLS options a client needs to verify the server."""
+        if self.ca_file is None:
+            return f"{self.url}/{db}"
+        return f"{self.url}/{db}?ssl_cert_reqs=required&ssl_ca_certs={self.ca_file}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url_for(0))
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log",
-             "--databases", "64"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
+        argv = ["redis-server", "--bind", "127.0.0.1", "--dir", str(self.folder),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log",
+                "--databases", "64"]  # fmt: skip
+        if self.ca_file is not None:
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self._cert_file),
+                     "--tls-key-file", str(self._key_file), "--tls-ca-cert-file", str(self.ca_file),
+                     "--tls-auth-clients", "no"]  # fmt: skip
+        else:
+            argv += ["--port", str(self.port)]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
         for _ in range(100):
             try:
                 client.ping()
@@ -73,13 +99,61 @@ class RedisServer:
         self.start()
 
 
+def write_tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1: (ca.pem, server.pem, server.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = certificate(name, ca_name, key.public_key(), ca_key, ca=False)
+
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
 class WorkerProcess:
     """``celery -A worker worker`` with one prefork pool process, as production runs it."""
 
-    def __init__(self, env: dict[str, str], queue: str, log: Path, name: str):
+    def __init__(self, env: dict[str, str], queue: str, log: Path, name: str, app: str = "worker"):
+        self.name = name  # the node is name@host
         self.log_path = log
         self.log = log.open("w")
-        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "prefork",
+        argv = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
                 "--concurrency", "1", "-Q", queue, "--loglevel", "INFO", "-n", f"{name}@%h",
                 "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -140,13 +214,46 @@ def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
 
 
 class FaultProxy:
-    """An HTTP proxy to S3 that can answer 503 or refuse connections, for fault tests."""
+    """An HTTP proxy to S3 that answers 503, drops connections or stops listening, for fault tests.
+
+    ``mode``: "pass"; "503" (every matching request answered 503 ServiceUnavailable); "down"
+    (matching requests have their connection closed without an answer). ``fail_next``: answer 503
+    to that many matching requests, then pass. A request matches when its method is in ``methods``
+    (None: any) and its path contains ``path_contains``. ``stop()`` closes the listening socket and
+    every open connection (clients then get "connection refused"); ``start()`` listens again on the
+    same port. ``log`` records (method, path, status) with status 0 for a dropped connection.
+    """
 
     def __init__(self, upstream: str):
         self.upstream = upstream.removeprefix("http://")
         self.mode = "pass"  # "pass" | "503" | "down"
-        self.fail_next = 0  # answer 503 to this many requests, then pass
+        self.fail_next = 0
+        self.methods: set[str] | None = None
+        self.path_contains = ""
         self.requests = 0
+        self.log: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+        self._open: set = set()
+        self.port = free_port()
+        self.server = None
+        self.start()
+
+    def _decide(self, method: str, path: str) -> str:
+        """The fate of one request ("down", "503" or "pass"), counted and logged."""
+        with self._lock:
+            self.requests += 1
+            matches = (self.methods is None or method in self.methods) and self.path_contains in path
+            if matches and self.mode == "down":
+                self.log.append((method, path, 0))
+                return "down"
+            if matches and (self.mode == "503" or self.fail_next > 0):
+                if self.mode != "503":
+                    self.fail_next -= 1
+                self.log.append((method, path, 503))
+                return "503"
+            return "pass"
+
+    def _handler(self):
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -155,16 +262,26 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._open.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._open.discard(self.connection)
+                with contextlib.suppress(OSError):  # the client may have gone already
+                    super().finish()
+
             def _handle(self) -> None:
-                proxy.requests += 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if proxy.mode == "down":
+                decision = proxy._decide(self.command, self.path)
+                if decision == "down":
                     self.close_connection = True
-                    self.connection.close()
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if proxy.mode == "503" or proxy.fail_next > 0:
-                    proxy.fail_next = max(0, proxy.fail_next - 1)
+                if decision == "503":
                     payload = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(payload)))
@@ -176,6 +293,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                with proxy._lock:
+                    proxy.log.append((self.command, self.path, response.status))
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -188,19 +307,49 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
+        return Handler
+
+    def start(self) -> None:
+        """Listen (again) on the proxy's port."""
+
         class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             allow_reuse_address = True
             daemon_threads = True
 
-        self.port = free_port()
-        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.server = Server(("127.0.0.1", self.port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection: the endpoint is gone."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+        with self._lock:
+            open_connections, self._open = list(self._open), set()
+        for conn in open_connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def reset(self) -> None:
+        """Pass everything again and forget what was seen (listening again if stopped)."""
+        with self._lock:
+            self.mode, self.fail_next, self.methods, self.path_contains = "pass", 0, None, ""
+            self.requests = 0
+            self.log = []
+        if self.server is None:
+            self.start()
+
+    def seen(self, method: str | None = None, path_contains: str = "") -> list[tuple[str, str, int]]:
+        """The requests logged so far, optionally one method's and paths containing a part."""
+        with self._lock:
+            return [e for e in self.log if (method is None or e[0] == method) and path_contains in e[1]]
+
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.stop()

@@ -15,6 +15,7 @@ import threading
 
 import redis
 
+from tasks.errors import TransientError
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,15 @@ def count_delivery(settings: Settings, task_id: str, retries: int) -> int:
     try:
         with client.pipeline() as pipe:
             pipe.incr(key)
-            pipe.expire(key, settings.visibility_timeout * (settings.max_deliveries + 1))
+            # As long as the task's result: a redelivery after a visibility timeout (the whole
+            # worker was lost) can come long after the previous delivery.
+            pipe.expire(key, settings.result_expires + settings.visibility_timeout * settings.max_deliveries)
             count, _ = pipe.execute()
+    except redis.RedisError as exc:
+        # Transient: the task is retried after a backoff instead of failing for good.
+        raise TransientError(
+            f"could not count this delivery: result backend unreachable ({type(exc).__name__})"
+        ) from exc
     finally:
         client.close()
     return int(count)

@@ -97,11 +97,12 @@ class Stack:
             self._app = make_celery(self.settings)
         return self._app
 
-    def start_worker(self, wait: bool = True, **overrides: str) -> WorkerProcess:
+    def start_worker(self, wait: bool = True, app: str = "worker", **overrides: str) -> WorkerProcess:
+        """A worker process for this stack; ``app`` is the module ``celery -A`` loads."""
         env = dict(self.env)
         env.update({f"CHROMA_{k.upper()}": str(v) for k, v in overrides.items()})
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
-        worker = WorkerProcess(env, self.settings.queue, self.folder / f"{name}.log", name)
+        worker = WorkerProcess(env, self.settings.queue, self.folder / f"{name}.log", name, app=app)
         self.workers.append(worker)
         if wait:
             worker.wait_ready()

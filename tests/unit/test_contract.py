@@ -190,10 +190,10 @@ def test_app_is_json_only_and_at_least_once(settings: Settings) -> None:
     assert conf.worker_prefetch_multiplier == 1
     assert conf.worker_concurrency == 1
     assert conf.worker_max_tasks_per_child is None
-    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False  # finish, ack after reconnect
     assert conf.broker_connection_retry_on_startup is True
     assert conf.task_track_started is True
-    assert conf.result_extended is True
+    assert conf.result_extended is False
     assert conf.task_default_rate_limit is None
     assert conf.result_expires == settings.result_expires
 
