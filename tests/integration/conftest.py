@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,22 +17,7 @@ from tests.s3server import start_s3_server
 from tests.services import ACCESS_KEY, SECRET_KEY, FaultProxy, RedisServer, WorkerProcess, worker_env
 
 LORA_KEY = "my_lora_job/my_lora.safetensors"
-EXAMPLE = {
-    "model": "chroma",
-    "trigger_word": "sks",
-    "prompts": [
-        {
-            "prompt": "[trigger] a photo of a person",
-            "width": 1024,
-            "height": 1024,
-            "seed": 42,
-            "sample_steps": 25,
-            "guidance_scale": 4.0,
-            "neg": "",
-        }
-    ],
-    "loras": [{"path": LORA_KEY, "network_multiplier": 1.0}],
-}
+EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "request.json").read_text())
 
 
 def small_request(**prompt) -> dict:

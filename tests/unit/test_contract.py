@@ -46,22 +46,7 @@ REQUESTS = REPO / "tests" / "data" / "requests"
 GPU_MODULES = ("torch", "diffusers", "boto3", "botocore", "transformers", "safetensors", "worker", "storage")
 LOADED_GPU_MODULES = f"[m for m in {GPU_MODULES!r} if m in sys.modules]"  # an expression for probes
 
-REFERENCE = {
-    "model": "chroma",
-    "trigger_word": "sks",
-    "prompts": [
-        {
-            "prompt": "[trigger] a photo of a person",
-            "width": 1024,
-            "height": 1024,
-            "seed": 42,
-            "sample_steps": 25,
-            "guidance_scale": 4.0,
-            "neg": "",
-        }
-    ],
-    "loras": [{"path": "my_lora_job/my_lora.safetensors", "network_multiplier": 1.0}],
-}
+REFERENCE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "request.json").read_text())
 BAD_WIDTH = {"model": "chroma", "prompts": [{"prompt": "x", "width": 4097}]}
 
 
