@@ -343,6 +343,8 @@ def validate_safetensors_header(
         raise InvalidLora(
             f"safetensors header is not valid JSON ({exc}); {_HOW_TO_FIX}", field=field
         ) from exc
+    except RecursionError:
+        raise InvalidLora(f"safetensors header is nested too deeply; {_HOW_TO_FIX}", field=field) from None
     if not isinstance(header, dict):
         raise InvalidLora(f"safetensors header is not a JSON object; {_HOW_TO_FIX}", field=field)
 

@@ -21,7 +21,14 @@ from pydantic import ValidationError
 
 from tasks.errors import InvalidRequest, WorkerError
 from tasks.producer import app_for, status, submit, wait
-from tasks.schemas import DEFAULT_SEED_BASE, GenerationRequest, PromptSpec, snap_size, validate_request
+from tasks.schemas import (
+    DEFAULT_SEED_BASE,
+    GenerationRequest,
+    PromptSpec,
+    effective_prompt,
+    snap_size,
+    validate_request,
+)
 from tasks.settings import Settings
 
 EXIT_OK = 0
@@ -223,7 +230,7 @@ def worker_argv(queue: str, celery_args: list[str]) -> list[str]:
 def read_request(path: str) -> str:
     """The request text from a file or stdin (``-``); unreadable -> InvalidRequest."""
     try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="request") from exc
     except UnicodeDecodeError as exc:
@@ -253,8 +260,7 @@ def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) ->
     else:
         seed = f"seed {spec.seed}"
     cfg = "" if spec.guidance_scale > 1 else " (no CFG)"
-    trigger = spec.trigger_word if spec.trigger_word is not None else request.trigger_word
-    text = spec.prompt.replace("[trigger]", trigger) if trigger is not None else spec.prompt
+    text = effective_prompt(request, spec)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{size}, {spec.sample_steps} steps, guidance {spec.guidance_scale:g}{cfg}, {seed}: {text!r}"
 

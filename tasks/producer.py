@@ -30,6 +30,7 @@ from celery.exceptions import (
 from kombu.exceptions import OperationalError
 
 from tasks.app import PROGRESS_STATE, get_app, make_celery
+from tasks.errors import TimeLimitExceeded as TaskTimeLimit
 from tasks.errors import TransientError, WorkerError
 from tasks.names import GENERATE
 from tasks.schemas import GenerationRequest, validate_request
@@ -142,14 +143,14 @@ def task_error(task_id: str, exc: BaseException | None) -> WorkerError:
         return exc
     if exc is None:
         return WorkerError(f"task {task_id} failed without an error")
+    if isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded):  # Celery's, not ours (same name)
+        return TaskTimeLimit(f"task {task_id} was stopped at its time limit ({exc}s)")
     known = _error_classes().get(type(exc).__name__)
     if known is not None and exc.args and isinstance(exc.args[0], str):
         field = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else None
         return known(exc.args[0], field=field)
     if isinstance(exc, TaskRevokedError):
         return WorkerError(f"task {task_id} was revoked before it finished")
-    if isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded):
-        return WorkerError(f"task {task_id} exceeded its time limit ({exc})")
     return WorkerError(f"task {task_id} failed: {type(exc).__name__}: {exc}")
 
 

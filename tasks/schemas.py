@@ -181,16 +181,22 @@ def validate_request(data: Any, limits: Limits | None = None) -> GenerationReque
     if isinstance(data, GenerationRequest):
         data = data.model_dump(mode="json", exclude_none=True)
     if isinstance(data, str | bytes):
-        if len(data) > limits.max_request_bytes:
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > limits.max_request_bytes:
             raise InvalidRequest(
-                f"request is {len(data)} bytes; the limit is {limits.max_request_bytes}", field="request"
+                f"request is {size} bytes; the limit is {limits.max_request_bytes}", field="request"
             )
         try:
             data = json.loads(data)
-        except ValueError as exc:
-            raise InvalidRequest(f"request is not valid JSON: {exc}", field="request") from exc
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest(f"request is not valid JSON: {_short(str(exc))}", field="request") from None
     elif isinstance(data, dict):
-        size = len(json.dumps(data, default=str))
+        try:
+            size = len(json.dumps(data, default=str).encode())
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest(
+                f"request cannot be read as JSON: {_short(str(exc))}", field="request"
+            ) from None
         if size > limits.max_request_bytes:
             raise InvalidRequest(
                 f"request is {size} bytes; the limit is {limits.max_request_bytes}", field="request"
@@ -201,6 +207,8 @@ def validate_request(data: Any, limits: Limits | None = None) -> GenerationReque
         request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
         raise _translate(exc) from None
+    except RecursionError:
+        raise InvalidRequest("request is nested too deeply", field="request") from None
     _check_limits(request, limits)
     return request
 
@@ -209,9 +217,7 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
     """Apply defaults: trigger words, size snapping, seeds (omitted: 42 + index; -1: random)."""
     out = []
     for index, spec in enumerate(request.prompts):
-        # As the reference: the prompt's own trigger word, else the request's; none leaves "[trigger]".
-        trigger = spec.trigger_word or request.trigger_word
-        text = spec.prompt.replace("[trigger]", trigger) if trigger else spec.prompt
+        text = effective_prompt(request, spec)
         if spec.seed is None:
             seed = DEFAULT_SEED_BASE + index
         elif spec.seed == -1:
@@ -233,6 +239,13 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
     return out
 
 
+def effective_prompt(request: GenerationRequest, spec: PromptSpec) -> str:
+    """As the reference: ``[trigger]`` becomes the prompt's own trigger word, else the request's;
+    with neither, it stays as written."""
+    trigger = spec.trigger_word or request.trigger_word
+    return spec.prompt.replace("[trigger]", trigger) if trigger else spec.prompt
+
+
 def snap_size(value: int) -> int:
     """Floor to a multiple of 32, as the reference does (1000 -> 992)."""
     return max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
@@ -249,9 +262,16 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
         )
     for i, spec in enumerate(request.prompts):
         where = f"prompts.{i}"
-        if len(spec.prompt) > limits.max_prompt_chars:
+        text = effective_prompt(request, spec)
+        if len(text) > limits.max_prompt_chars:
             raise InvalidRequest(
-                f"prompt has {len(spec.prompt)} characters; the limit is {limits.max_prompt_chars}",
+                f"prompt has {len(text)} characters after trigger-word substitution; "
+                f"the limit is {limits.max_prompt_chars}",
+                field=f"{where}.prompt",
+            )
+        if not text.strip():
+            raise InvalidRequest(
+                "prompt is blank after trigger-word substitution; give a trigger word with text",
                 field=f"{where}.prompt",
             )
         if spec.sample_steps > limits.max_steps:

@@ -349,6 +349,11 @@ MALFORMED: tuple[Malformed, ...] = (
         _file(lambda: _good() | {f"{QKV}.alpha": torch.tensor(0.0)}),
         (f"{QKV}.alpha", "alpha 0"),
     ),
+    Malformed(
+        "alpha_negative",
+        _file(lambda: _good() | {f"{QKV}.alpha": torch.tensor(-4.0)}),
+        (f"{QKV}.alpha", "alpha -4"),
+    ),
     Malformed("same_rows_named_twice", _file(_both_names), ("same rows", "double_blocks.0.img_attn.qkv")),
     Malformed(
         "zero_tensors", _bytes(lambda: _raw_header({"__metadata__": {"format": "pt"}})), ("no tensors",)

@@ -77,9 +77,12 @@ def run_job(
         uploaded.append(key)
         return key, uri(bucket, key)
 
+    rkey = result_key(settings.output_prefix, task_id)
+    # An earlier delivery may have left a result.json: it must not outlive images this run replaces.
+    with storage_errors("delete", bucket, rkey):
+        worker.s3.delete_object(Bucket=bucket, Key=rkey)
     try:
         images = store_images(generation, request.output_format, lora_meta, task_id, timings, upload)
-        rkey = result_key(settings.output_prefix, task_id)
         result = build_result(
             task_id=task_id,
             request=request,

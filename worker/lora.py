@@ -38,6 +38,8 @@ _SUFFIXES = {
     ".lora_up.weight": "up",
     ".lora.down.weight": "down",
     ".lora.up.weight": "up",
+    ".lora_A.default.weight": "down",  # PEFT with its adapter name
+    ".lora_B.default.weight": "up",
     ".alpha": "alpha",
 }
 _OTHER_ADAPTERS = re.compile(
@@ -228,10 +230,10 @@ def _layer(
         alpha = tensors[keys["alpha"]]
         if alpha.numel() != 1:
             raise InvalidLora(f"key {keys['alpha']!r} must be a scalar alpha", field=field)
-        if alpha.item() == 0:
+        if alpha.item() <= 0:
             raise InvalidLora(
-                f"key {keys['alpha']!r} has alpha 0, which would zero the layer; save alpha = rank "
-                "or leave it out",
+                f"key {keys['alpha']!r} has alpha {alpha.item():g}, which would zero or invert the layer; "
+                "save alpha = rank or leave it out",
                 field=field,
             )
         scale = float(alpha.float().item()) / rank
