@@ -67,7 +67,7 @@ from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
 from worker.components import Sources  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
-from worker.tiny import FLUX_VAE  # noqa: E402
+from worker.tiny import FLUX_VAE, TINY, write_tokenizer  # noqa: E402
 from worker.variants import timed_build  # noqa: E402
 
 PROMPT = (
@@ -80,16 +80,7 @@ SCALES = {
     "full": (ChromaConfig(), {}, {}, 1024, 25),
     "smoke": (ChromaConfig(depth=2, depth_single=2), {"num_layers": 2}, {}, 512, 3),
     "tiny": (
-        ChromaConfig(
-            context_dim=64,
-            hidden_size=64,
-            num_heads=2,
-            depth=2,
-            depth_single=2,
-            approximator_hidden=32,
-            approximator_depth=2,
-            axes_dim=(4, 14, 14),
-        ),
+        dataclasses.replace(TINY, context_dim=64),
         dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2),
         dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
         64,
@@ -118,7 +109,7 @@ def write_components(folder: Path, scale: str, device: torch.device) -> Sources:
     if not (folder / "text_encoder" / "config.json").exists():
         write_t5(folder / "text_encoder", {**T5_XXL, **t5_over, "d_model_ctx": cfg.context_dim}, device)
     if not (folder / "tokenizer" / "tokenizer.json").exists():
-        write_tokenizer(folder / "tokenizer", T5_XXL["vocab_size"])
+        write_tokenizer(folder / "tokenizer", PROMPT.split(), T5_XXL["vocab_size"])
     if not (folder / "vae" / "config.json").exists():
         write_vae(folder / "vae", {**FLUX_VAE, "sample_size": 1024, **vae_over})
     return Sources(
@@ -171,25 +162,6 @@ def write_t5(path: Path, shape: dict, device: torch.device) -> None:
                 p.normal_(0.0, 0.02, generator=gen)
     model.save_pretrained(str(path), safe_serialization=True)
     del model
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with T5's vocabulary size (the prompt's words are in it)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in PROMPT.split():
-        vocab.setdefault(word, len(vocab))
-    for i in range(len(vocab), vocab_size):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
-    )
-    fast.save_pretrained(str(path))
 
 
 def write_vae(path: Path, config: dict) -> None:
@@ -345,7 +317,7 @@ def main() -> int:
     ap.add_argument("--warm-guidance", default="4,1", help="guidance values the warm-up compiles for")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    cfg_t, _, _, size, steps = SCALES[args.scale]
+    _, _, _, size, steps = SCALES[args.scale]
     size, steps = args.size or size, args.steps or steps
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -19,7 +19,8 @@
 Every error carries a stable ``code`` the web backend maps to a status, an optional ``field``
 (dotted path into the request, e.g. ``prompts.0.width``) and a message that says what to change.
 Third-party exceptions are translated once, where they enter (``raise X(...) from exc``).
-Errors travel through Celery as JSON (``to_dict`` / ``from_dict``), never pickled.
+Errors travel through Celery as JSON (the class name and ``args``), never pickled; ``to_dict``
+gives the shape a web backend returns.
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ class WorkerError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "field": self.field, "message": self.message}
-
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> WorkerError:
-        cls = _BY_CODE.get(str(data.get("code")), WorkerError)
-        return cls(str(data.get("message", "")), field=data.get("field"))
 
 
 class InvalidRequest(WorkerError):
@@ -110,11 +106,9 @@ class DeliveryLimitExceeded(WorkerError):
     code = "delivery_limit"
 
 
-def _all_subclasses(cls: type[WorkerError]) -> list[type[WorkerError]]:
+def error_classes(cls: type[WorkerError] = WorkerError) -> list[type[WorkerError]]:
+    """``cls`` and every class below it in the tree."""
     out = [cls]
     for sub in cls.__subclasses__():
-        out.extend(_all_subclasses(sub))
+        out.extend(error_classes(sub))
     return out
-
-
-_BY_CODE: dict[str, type[WorkerError]] = {c.code: c for c in _all_subclasses(WorkerError)}

@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError
 
 from tasks.app import PROGRESS_STATE, get_app, make_celery
 from tasks.errors import TimeLimitExceeded as TaskTimeLimit
-from tasks.errors import TransientError, WorkerError
+from tasks.errors import TransientError, WorkerError, error_classes
 from tasks.names import GENERATE
 from tasks.schemas import GenerationRequest, validate_request
 from tasks.settings import Settings
@@ -161,10 +161,4 @@ def app_for(settings: Settings) -> Celery:
 
 
 def _error_classes() -> dict[str, type[WorkerError]]:
-    found: dict[str, type[WorkerError]] = {}
-    pending: list[type[WorkerError]] = [WorkerError]
-    while pending:
-        cls = pending.pop()
-        found[cls.__name__] = cls
-        pending.extend(cls.__subclasses__())
-    return found
+    return {cls.__name__: cls for cls in error_classes()}

@@ -27,7 +27,6 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED_BASE = 42
 MAX_SEED = 2**63 - 1
 RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the reference
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")

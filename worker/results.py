@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -66,7 +67,10 @@ def image_entry(p: ResolvedPrompt, key: str, uri: str, data: bytes, content_type
     }
 
 
+@functools.cache
 def versions() -> dict[str, str | None]:
+    """Package, torch, CUDA and GPU versions; fixed for the life of the process."""
+
     def version(name: str) -> str | None:
         try:
             return metadata.version(name)
@@ -110,7 +114,7 @@ def build_result(
         "quantization": engine.config.quantization,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "variant": variant,
-        "versions": versions(),
+        "versions": dict(versions()),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "worker": {"host": socket.gethostname(), "device": str(engine.device), **(worker or {})},
         "delivery": delivery,

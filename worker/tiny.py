@@ -57,7 +57,7 @@ def write_tiny_chroma(folder: Path, seed: int = 0, std: float = 0.15) -> Sources
     generator = torch.Generator().manual_seed(seed)
     transformer = folder / "chroma-tiny.safetensors"
     save_file(_random_transformer(TINY, generator, std), str(transformer))
-    _write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", [*WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789[],.!?-'"])
     _write_text_encoder(folder / "text_encoder", generator)
     _write_vae(folder / "vae", generator)
     return Sources(
@@ -78,17 +78,19 @@ def _random_transformer(cfg: ChromaConfig, generator: torch.Generator, std: floa
     return state
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_tokenizer(path: Path, words: list[str], vocab_size: int = 0) -> None:
+    """A word-level T5-style tokenizer (``</s>`` appended, ``<pad>`` padding) built in code,
+    padded with filler entries up to ``vocab_size``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789[],.!?-'":
-        vocab.setdefault(ch, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
