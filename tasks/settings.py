@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     rope_axes: str = Field("", description="RoPE axis split, e.g. '16,56,56'; empty = inferred")
     text_padding: Literal["auto", "mask", "drop"] = "auto"
     batch_cfg: bool = Field(True, description="run both guidance branches in one transformer pass")
+    working_copy: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="keep the variant being rendered dequantized (same numbers, no per-step float8 "
+        "dequantization, ~17.8 GB more at full size); auto = on with CUDA",
+    )
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "cudnn",
         description="attention kernel on CUDA (cudnn: 612 TFLOP/s vs flash 355 on an H100 at 1024x1024); "

@@ -8,8 +8,10 @@ Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch 
 ``drop_padding`` (exact: the masked padding tokens are removed, attention runs unmasked),
 ``batch_cfg`` (both guidance branches in one pass, see ``ChromaTransformer.forward_batch``),
 ``compile`` (blocks compiled once per worker, shared by every variant, dynamic token counts),
-``attention`` (the fused attention kernel). None of them changes the quantization: "float8" stays
-the reference's weight-only numerics; "float8-fast" (opt-in, lossy) adds float8 activations.
+``attention`` (the fused attention kernel), ``working_copy`` (the variant being rendered keeps
+its float8 weight-only weights dequantized, see ``worker.variants.working_copy``). None of them
+changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
+(opt-in, lossy) adds float8 activations.
 
 Device failures are translated here: out-of-memory frees memory and fails the request; anything
 that leaves the CUDA context unusable becomes ``DeviceLost`` so the process can exit and be replaced.
@@ -42,7 +44,14 @@ from worker.components import (
     resolve,
 )
 from worker.lora import ParsedLora, parse_lora
-from worker.variants import BaseWeights, Variant, VariantCache, VariantKey, timed_build
+from worker.variants import (
+    BaseWeights,
+    Variant,
+    VariantCache,
+    VariantKey,
+    timed_build,
+    working_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ class EngineConfig:
     text_padding: str = "auto"  # "mask" | "drop" | "auto" (mask on the CPU, drop on CUDA)
     batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
     attention: str = "cudnn"  # SDPA kernel on CUDA: cudnn | flash | efficient | math | auto (PyTorch's)
+    working_copy: str = "auto"  # "on" | "off" | "auto" (on with CUDA): active variant dequantized once
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
@@ -82,6 +92,7 @@ class EngineConfig:
             text_padding=settings.text_padding,
             batch_cfg=settings.batch_cfg,
             attention=settings.attention,
+            working_copy=settings.working_copy,
         )
 
 
@@ -93,6 +104,7 @@ class Recipe:
     batch_cfg: bool
     compile: bool
     attention: str
+    working_copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,8 @@ class Engine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         if config.text_padding not in ("auto", "mask", "drop"):
             raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
+        if config.working_copy not in ("auto", "on", "off"):
+            raise ValueError(f"working_copy {config.working_copy!r}; choose auto, on or off")
         # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
         # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
         padding = config.text_padding
@@ -141,6 +155,7 @@ class Engine:
             batch_cfg=config.batch_cfg,
             compile=config.compile and cuda,
             attention=config.attention if cuda else "auto",  # the CUDA kernels' names mean nothing on a CPU
+            working_copy=config.working_copy == "on" or (config.working_copy == "auto" and cuda),
         )
         self.blocks = Blocks(compile=False, attention=self.recipe.attention)  # compiled in load()
         self.loaded = False
@@ -148,6 +163,7 @@ class Engine:
         self.load_seconds: dict[str, float] = {}
         self._uncond: sampling.TextEmbedding | None = None
         self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
+        self._working: tuple[VariantKey, torch.nn.Module] | None = None  # the active variant, dequantized
 
     @property
     def drop_padding(self) -> bool:
@@ -280,7 +296,7 @@ class Engine:
                 def step_cb(step: int, total: int, _i: int = p.index) -> None:
                     on_progress(_i, len(prompts), step, total)
 
-            rendered.append(self._guard(lambda p=p, cb=step_cb: self.render(variant, p, cb)))
+            rendered.append(self._render_or_evict(variant, p, step_cb))
         info = {
             "cache_hit": hit,
             "build_seconds": round(variant.build_seconds, 4),
@@ -295,6 +311,17 @@ class Engine:
             },
         }
         return Generation(rendered, info, list(variant.layers_merged), timings)
+
+    def _render_or_evict(self, variant: Variant, p: ResolvedPrompt, on_step) -> Rendered:
+        """Render; out of memory with other variants cached evicts them and tries once more."""
+        try:
+            return self._guard(lambda: self.render(variant, p, on_step))
+        except OutOfMemory:
+            if not self.variants.keep_only(variant.key):
+                raise
+            log.warning("out of memory rendering; evicted the other cached variants and retrying")
+            self.release_memory()
+            return self._guard(lambda: self.render(variant, p, on_step))
 
     def render(
         self, variant: Variant, p: ResolvedPrompt, on_step: sampling.StepCallback | None = None
@@ -328,7 +355,7 @@ class Engine:
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
         scheduler = sampling.make_scheduler(p.sample_steps, latents.shape[1], self.device)
-        model = variant.model
+        model = self.model_for(variant, recipe)
 
         def model_fn(img, txt, pe, timestep, guidance, mask):
             return model(img, txt, pe, timestep, guidance, mask, blocks=blocks)
@@ -350,6 +377,20 @@ class Engine:
                 batch=batch_fn if recipe.batch_cfg else None,
                 on_step=on_step,
             )
+
+    def model_for(self, variant: Variant, recipe: Recipe | None = None):
+        """The module that renders ``variant``: its working copy when the recipe keeps one.
+
+        One working copy exists at a time (the previous one is dropped before the next is made),
+        so switching variants never holds two.
+        """
+        recipe = recipe or self.recipe
+        if not recipe.working_copy:
+            return variant.model
+        if self._working is None or self._working[0] != variant.key:
+            self._working = None
+            self._working = (variant.key, working_copy(variant.model))
+        return self._working[1]
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
@@ -405,16 +446,28 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _variant_budget(self) -> int:
+        """Device bytes for cached variants: what is free after loading, less the working copy
+        and a reserve for activations and the VAE (the larger of 8 GiB and 10% of the card)."""
         if self.config.variant_cache_bytes:
             return self.config.variant_cache_bytes
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.7)
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = max(8 * 2**30, total // 10)
+            working = self._working_copy_bytes() if self.recipe.working_copy else 0
+            return max(free - working - reserve, self._estimate_bytes())
         return 8 * 2**30
 
     def _estimate_bytes(self) -> int:
         per_weight = 1 if self.config.quantization in FLOAT8 else self.dtype.itemsize
         return sum(t.numel() for t in self.base.state.values()) * per_weight
+
+    def _working_copy_bytes(self) -> int:
+        """Upper bound: every transformer weight in the compute dtype (float8 weight-only layers)."""
+        if self.config.quantization not in FLOAT8:
+            return 0
+        return sum(t.numel() for name, t in self.base.state.items() if name.endswith(".weight")) * (
+            self.dtype.itemsize
+        )
 
 
 DEVICE_LOST_MARKERS = (

@@ -6,6 +6,13 @@ part's base weights to the device, add the LoRA deltas that land in it, load the
 built on the meta device (no initialisation, no checkpoint read), quantize. Only one part is ever
 held in the compute dtype, so the transient memory is one block (~0.45 GB), not a second
 unquantized transformer. T5, tokenizer and VAE are not here: they do not depend on the LoRA.
+
+Working copy: float8 weight-only means every forward dequantizes each weight to the compute dtype
+and multiplies in that dtype. ``working_copy`` does that dequantization once, for the variant
+being rendered, and keeps the result: the same weights, the same matmul, the bias added after it
+as torchao does, so the same numbers, minus one read of the float8 data and one write of the
+dequantized weight per Linear per step. The cache keeps holding float8 variants; only the active
+one has a working copy (the dequantized transformer, ~17.8 GB at full size in bf16).
 """
 
 from __future__ import annotations
@@ -92,6 +99,48 @@ def _only(parsed: ParsedLora, prefix: str) -> ParsedLora:
     return ParsedLora(layers)
 
 
+class DequantizedLinear(torch.nn.Linear):
+    """A float8 weight-only Linear with its weight dequantized once: torchao's arithmetic.
+
+    torchao computes ``matmul(x, dequantize(W).t())`` and adds the bias afterwards (two bf16
+    roundings), not ``F.linear``'s fused bias; this keeps that order so the output is the same.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.matmul(x, self.weight.t())
+        return out if self.bias is None else out + self.bias
+
+
+def is_weight_only_float8(tensor: Tensor) -> bool:
+    """A torchao Float8Tensor whose activations stay unquantized (float8 weight-only)."""
+    return hasattr(tensor, "qdata") and getattr(tensor, "act_quant_kwargs", True) is None
+
+
+def working_copy(model: ChromaTransformer) -> ChromaTransformer:
+    """``model`` with every float8 weight-only weight dequantized once (see the module docstring).
+
+    Everything else (biases, norms, float8 weights whose activations are quantized too) is shared,
+    not copied. Layers become ``DequantizedLinear``; a model without float8 weight-only layers
+    comes back unchanged.
+    """
+    if not any(is_weight_only_float8(p) for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        copy = ChromaTransformer(model.cfg)
+    source = dict(model.named_modules())
+    for name, module in copy.named_modules():
+        original = source[name]
+        for pname, param in original.named_parameters(recurse=False):
+            if is_weight_only_float8(param):
+                assert isinstance(original, torch.nn.Linear) and pname == "weight", name
+                param = torch.nn.Parameter(param.dequantize(), requires_grad=False)
+                module.__class__ = DequantizedLinear
+            setattr(module, pname, param)
+        for bname, buffer in original.named_buffers(recurse=False):
+            setattr(module, bname, buffer)
+    return copy.eval().requires_grad_(False)
+
+
 def module_bytes(model: torch.nn.Module) -> int:
     """Device bytes held by a module's weights (quantized tensors count their packed data)."""
     total = 0
@@ -147,6 +196,14 @@ class VariantCache:
 
     def clear(self) -> None:
         self._variants.clear()
+
+    def keep_only(self, key: VariantKey) -> int:
+        """Evict every variant but ``key``; returns how many went."""
+        others = [k for k in self._variants if k != key]
+        for k in others:
+            del self._variants[k]
+        self.evictions += len(others)
+        return len(others)
 
 
 def timed_build(

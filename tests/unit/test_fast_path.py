@@ -105,3 +105,54 @@ def test_compiled_blocks_shared_by_variants_lengths_and_sizes(base, tmp_path):
         assert rel(got, model.forward_batch(img, txts, pes, t, g)) < 1e-5
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[-1], f"recompiled: unique graphs went {graphs}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_working_copy_computes_what_float8_weight_only_computes(tiny_sources, dtype):
+    """The active variant's dequantized copy: the same numbers as torchao's per-forward dequantize."""
+    from worker.variants import DequantizedLinear, is_weight_only_float8, working_copy
+
+    cfg, state = load_transformer(Path(tiny_sources.transformer))
+    base = BaseWeights(cfg, state, dtype, pin=False)
+    model = base.build([], "float8", torch.device("cpu"))
+    copy = working_copy(model)
+    assert not any(is_weight_only_float8(p) for p in copy.parameters())
+    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is DequantizedLinear for m in linears)
+    for name, layer in copy.named_modules():
+        if isinstance(layer, DequantizedLinear):
+            original = model.get_submodule(name)
+            assert torch.equal(layer.weight, original.weight.dequantize())
+            assert layer.bias is original.bias, "biases are shared, not copied"
+    img, txts, pes, t, g = inputs(cfg, (9, 2), 64, 96)
+    img, txts = img.to(dtype), tuple(x.to(dtype) for x in txts)
+    t = t.to(dtype)
+    assert torch.equal(copy.forward_batch(img, txts, pes, t, g), model.forward_batch(img, txts, pes, t, g))
+    # A weight different by one float8 step changes the output: the comparison can fail.
+    layer = copy.single_blocks[0].linear2
+    layer.weight[0, 0] = layer.weight[0, 0] * 1.25 + 0.01
+    assert not torch.equal(copy.forward_batch(img, txts, pes, t, g), model.forward_batch(img, txts, pes, t, g))
+
+
+def test_working_copy_leaves_an_unquantized_model_alone(base):
+    from worker.variants import working_copy
+
+    plain = base.build([], "none", torch.device("cpu"))
+    assert working_copy(plain) is plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float8 activations need a CUDA card (sm >= 8.9)")
+def test_working_copy_keeps_float8_activation_layers(base):
+    """float8-fast: the image stream keeps its float8 matmuls; only weight-only layers dequantize."""
+    from worker.variants import DequantizedLinear, is_weight_only_float8, working_copy
+
+    fast = base.build([], "float8-fast", torch.device("cuda"))
+    copy = working_copy(fast)
+    block = copy.double_blocks[0]
+    assert block.img_attn.qkv.weight is fast.double_blocks[0].img_attn.qkv.weight  # shared, float8
+    assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(block.img_attn.qkv.weight)
+    assert type(block.img_attn.qkv) is torch.nn.Linear
+    assert type(block.txt_attn.qkv) is DequantizedLinear  # the text stream is weight-only
+    assert type(copy.single_blocks[0].linear1) is torch.nn.Linear
+    assert type(copy.distilled_guidance_layer.in_proj) is DequantizedLinear

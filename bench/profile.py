@@ -1,0 +1,224 @@
+"""Where one denoising step's time goes: the full-size transformer, random weights, one card.
+
+For each path asked for, builds the fused base variant from random full-size weights held on the
+device (no checkpoint written: this measures the transformer alone), runs the compiled blocks the
+engine runs, and reports: the first call (compile and first run), the median of ``--runs`` timed
+steps (both guidance branches in one pass: one step of the denoising loop minus the scheduler),
+and a profile of ``--profile-steps`` steps, its kernels grouped into GEMM, attention, Triton
+(fused elementwise and reductions) and other, plus how much of the wall time the card was busy.
+
+    python bench/profile.py --out $OUT --paths weight_only,working,fast_working
+
+Paths: ``weight_only`` (float8 weight-only, dequantized per forward), ``working`` (the same
+variant's working copy, dequantized once: the engine's default), ``fast`` and ``fast_working``
+(float8-fast, without and with the working copy of its weight-only layers), ``bf16`` (no
+quantization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
+
+from bench.bench import engine_only  # noqa: E402
+
+engine_only()
+
+import torch  # noqa: E402
+
+from worker import sampling  # noqa: E402
+from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
+from worker.variants import BaseWeights, working_copy  # noqa: E402
+
+PATHS = {
+    "weight_only": ("float8", False),
+    "working": ("float8", True),
+    "fast": ("float8-fast", False),
+    "fast_working": ("float8-fast", True),
+    "bf16": ("none", False),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def random_base(cfg: ChromaConfig, device: torch.device) -> BaseWeights:
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in ChromaTransformer(cfg).state_dict().items()}
+    gen = torch.Generator(device).manual_seed(0)
+    state = {}
+    for name, shape in shapes.items():
+        value = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+        state[name] = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
+    return BaseWeights(cfg, state, torch.bfloat16, pin=False)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("fmha", "flash", "attention", "cudnn", "sdpa")):
+        return "attention"
+    if any(k in low for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_mm_", "matmul")):
+        return "gemm"
+    if low.startswith("triton"):
+        return "triton"
+    return "other"
+
+
+def profile(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            entry = kernels[event.name]
+            entry[0] += event.device_time / 1e3  # ms
+            entry[1] += 1
+    busy = sum(t for t, _ in kernels.values())
+    groups: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        groups[category(name)] += ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+    return {
+        "wall_ms_per_step": round(wall * 1e3 / steps, 2),
+        "busy_ms_per_step": round(busy / steps, 2),
+        "groups_ms_per_step": {k: round(v / steps, 2) for k, v in sorted(groups.items())},
+        "top_kernels": [
+            {"name": name[:160], "ms_per_step": round(ms / steps, 3), "calls_per_step": n // steps}
+            for name, (ms, n) in top
+        ],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("profile-out"))
+    ap.add_argument("--paths", default="weight_only,working,fast_working")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--text", default="37,2", help="attended text tokens: cond,uncond")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--recompile", action="store_true", help="reset and compile the first path again")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    cfg = ChromaConfig()
+    res: dict = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    try:
+        import torchao
+
+        res["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+
+    def save() -> None:
+        (args.out / "profile.json").write_text(json.dumps(res, indent=1))
+
+    t0 = time.perf_counter()
+    base = random_base(cfg, device)
+    log(f"random base weights on the card in {time.perf_counter() - t0:.1f}s")
+    lengths = tuple(int(n) for n in args.text.split(","))
+    gen = torch.Generator(device).manual_seed(1)
+    tokens = (args.size // 16) ** 2
+    img = torch.randn(1, tokens, cfg.in_channels, generator=gen, device=device, dtype=torch.bfloat16)
+    txts = tuple(
+        torch.randn(1, n, cfg.context_dim, generator=gen, device=device, dtype=torch.bfloat16) for n in lengths
+    )
+    ids = sampling.image_ids(args.size, args.size, torch.bfloat16, device)
+    pes = tuple(sampling.rope_for(n, ids, cfg.axes_dim) for n in lengths)
+    timestep = torch.tensor([0.5], device=device, dtype=torch.bfloat16)
+    guidance = torch.zeros(1, device=device)
+    outputs = {}
+
+    for path in [p for p in args.paths.split(",") if p]:
+        quantization, keep_working = PATHS[path]
+        entry: dict = {"quantization": quantization, "working_copy": keep_working}
+        res[path] = entry
+        try:
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            variant = base.build([], quantization, device)
+            model = working_copy(variant) if keep_working else variant
+            torch.cuda.synchronize()
+            entry["build_s"] = round(time.perf_counter() - t0, 3)
+            blocks = Blocks(compile=True, attention=args.attention)
+
+            @torch.inference_mode()
+            def step(model=model, blocks=blocks):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return model.forward_batch(img, txts, pes, timestep, guidance, blocks=blocks)
+
+            for label in ("first_call_s", "second_call_s"):
+                t0 = time.perf_counter()
+                out = step()
+                torch.cuda.synchronize()
+                entry[label] = round(time.perf_counter() - t0, 2)
+            log(f"{path}: first call {entry['first_call_s']}s, second {entry['second_call_s']}s")
+            from torch._dynamo.utils import compile_times
+
+            entry["compile_times"] = compile_times(repr="str", aggregate=True)[:3000]
+            times = []
+            for _ in range(args.runs):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            entry["step_ms"] = [round(t * 1e3, 2) for t in times]
+            entry["step_ms_median"] = round(statistics.median(times) * 1e3, 2)
+            entry["denoise_25_steps_s"] = round(statistics.median(times) * 25, 3)
+            entry["profile"] = profile(step, args.profile_steps)
+            entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            outputs[path] = out.float()
+            first = next(iter(outputs.values()))
+            entry["rel_diff_vs_first_path"] = float((out.float() - first).norm() / first.norm())
+            log(
+                f"{path}: step {entry['step_ms_median']} ms (25 steps {entry['denoise_25_steps_s']}s), "
+                f"groups {entry['profile']['groups_ms_per_step']}, busy {entry['profile']['busy_ms_per_step']}"
+            )
+            if args.recompile and path == args.paths.split(",")[0]:
+                torch._dynamo.reset()
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                entry["recompile_after_reset_s"] = round(time.perf_counter() - t0, 2)
+                log(f"{path}: compile again after a reset (on-disk caches warm): {entry['recompile_after_reset_s']}s")
+            del model, variant, step
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        except Exception as exc:  # keep the other paths' numbers
+            import traceback
+
+            entry["error"] = traceback.format_exc()[-3000:]
+            log(f"{path} failed: {exc!r}")
+        save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
