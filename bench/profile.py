@@ -146,7 +146,8 @@ def main() -> int:
     tokens = (args.size // 16) ** 2
     img = torch.randn(1, tokens, cfg.in_channels, generator=gen, device=device, dtype=torch.bfloat16)
     txts = tuple(
-        torch.randn(1, n, cfg.context_dim, generator=gen, device=device, dtype=torch.bfloat16) for n in lengths
+        torch.randn(1, n, cfg.context_dim, generator=gen, device=device, dtype=torch.bfloat16)
+        for n in lengths
     )
     ids = sampling.image_ids(args.size, args.size, torch.bfloat16, device)
     pes = tuple(sampling.rope_for(n, ids, cfg.axes_dim) for n in lengths)
@@ -198,7 +199,8 @@ def main() -> int:
             entry["rel_diff_vs_first_path"] = float((out.float() - first).norm() / first.norm())
             log(
                 f"{path}: step {entry['step_ms_median']} ms (25 steps {entry['denoise_25_steps_s']}s), "
-                f"groups {entry['profile']['groups_ms_per_step']}, busy {entry['profile']['busy_ms_per_step']}"
+                f"groups {entry['profile']['groups_ms_per_step']}, "
+                f"busy {entry['profile']['busy_ms_per_step']}"
             )
             if args.recompile and path == args.paths.split(",")[0]:
                 torch._dynamo.reset()
@@ -206,7 +208,9 @@ def main() -> int:
                 step()
                 torch.cuda.synchronize()
                 entry["recompile_after_reset_s"] = round(time.perf_counter() - t0, 2)
-                log(f"{path}: compile again after a reset (on-disk caches warm): {entry['recompile_after_reset_s']}s")
+                log(
+                    f"{path}: compile again after a reset: {entry['recompile_after_reset_s']}s"
+                )
             del model, variant, step
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -132,7 +132,9 @@ def test_working_copy_computes_what_float8_weight_only_computes(tiny_sources, dt
     # A weight different by one float8 step changes the output: the comparison can fail.
     layer = copy.single_blocks[0].linear2
     layer.weight[0, 0] = layer.weight[0, 0] * 1.25 + 0.01
-    assert not torch.equal(copy.forward_batch(img, txts, pes, t, g), model.forward_batch(img, txts, pes, t, g))
+    assert not torch.equal(
+        copy.forward_batch(img, txts, pes, t, g), model.forward_batch(img, txts, pes, t, g)
+    )
 
 
 def test_working_copy_leaves_an_unquantized_model_alone(base):
@@ -151,7 +153,9 @@ def test_working_copy_keeps_float8_activation_layers(base):
     copy = working_copy(fast)
     block = copy.double_blocks[0]
     assert block.img_attn.qkv.weight is fast.double_blocks[0].img_attn.qkv.weight  # shared, float8
-    assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(block.img_attn.qkv.weight)
+    assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(
+        block.img_attn.qkv.weight
+    )
     assert type(block.img_attn.qkv) is torch.nn.Linear
     assert type(block.txt_attn.qkv) is DequantizedLinear  # the text stream is weight-only
     assert type(copy.single_blocks[0].linear1) is torch.nn.Linear
