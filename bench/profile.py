@@ -208,9 +208,7 @@ def main() -> int:
                 step()
                 torch.cuda.synchronize()
                 entry["recompile_after_reset_s"] = round(time.perf_counter() - t0, 2)
-                log(
-                    f"{path}: compile again after a reset: {entry['recompile_after_reset_s']}s"
-                )
+                log(f"{path}: compile again after a reset: {entry['recompile_after_reset_s']}s")
             del model, variant, step
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
