@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench.bench import engine_only  # noqa: E402
+from bench import engine_only  # noqa: E402  (bench/bench.py)
 
 engine_only()
 
