@@ -7,7 +7,7 @@ steps (both guidance branches in one pass: one step of the denoising loop minus 
 and a profile of ``--profile-steps`` steps, its kernels grouped into GEMM, attention, Triton
 (fused elementwise and reductions) and other, plus how much of the wall time the card was busy.
 
-    python bench/profile.py --out $OUT --paths weight_only,working,fast_working
+    python bench/step_profile.py --out $OUT --paths weight_only,working,fast_working
 
 Paths: ``weight_only`` (float8 weight-only, dequantized per forward), ``working`` (the same
 variant's working copy, dequantized once: the engine's default), ``fast`` and ``fast_working``
