@@ -109,6 +109,35 @@ def profile(fn, steps: int) -> dict:
     }
 
 
+def attention_layouts(cfg: ChromaConfig, length: int, device: torch.device) -> dict:
+    """cuDNN attention time (ms) for q/k/v contiguous vs the strided views the blocks pass."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = cfg.num_heads, cfg.head_dim
+    qkv = torch.randn(1, length, 3, heads, dim, device=device, dtype=torch.bfloat16)
+    strided = qkv.permute(2, 0, 3, 1, 4)  # what split_heads gives: (B, H, L, D) views
+    layouts = {
+        "contiguous_bhld": tuple(t.contiguous() for t in strided),
+        "qk_contiguous_v_strided": (strided[0].contiguous(), strided[1].contiguous(), strided[2]),
+        "all_strided": tuple(strided),
+        "blhd_transposed": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in strided),
+    }
+    out = {}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.inference_mode():
+        for name, (q, k, v) in layouts.items():
+            for _ in range(3):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            end.record()
+            torch.cuda.synchronize()
+            out[name] = round(start.elapsed_time(end) / 20, 4)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("profile-out"))
@@ -119,6 +148,8 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--attention", default="cudnn")
     ap.add_argument("--recompile", action="store_true", help="reset and compile the first path again")
+    ap.add_argument("--inductor", default="", help="inductor settings, e.g. coordinate_descent_tuning=1")
+    ap.add_argument("--attention-layouts", action="store_true", help="time SDPA on block layouts")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -137,6 +168,17 @@ def main() -> int:
 
     def save() -> None:
         (args.out / "profile.json").write_text(json.dumps(res, indent=1))
+
+    import torch._inductor.config as inductor_config
+
+    for item in [i for i in args.inductor.split(",") if i]:
+        key, _, value = item.partition("=")
+        setattr(inductor_config, key, type(getattr(inductor_config, key))(int(value)))
+        res.setdefault("inductor", {})[key] = getattr(inductor_config, key)
+    if args.attention_layouts:
+        res["attention_layouts"] = attention_layouts(cfg, (args.size // 16) ** 2 + 37, device)
+        log(f"attention layouts: {res['attention_layouts']}")
+        save()
 
     t0 = time.perf_counter()
     base = random_base(cfg, device)
