@@ -9,7 +9,8 @@ side in one process on one card:
   reference   torchao float8 weight-only, eager, all 512 text tokens with a boolean mask, two
               transformer passes per step (ai-toolkit's inference, op for op)
   faithful    the default: same numerics (float8 weight-only, bf16 activations), padding
-              dropped, both guidance branches in one pass, blocks compiled (dynamic token counts)
+              dropped, both guidance branches in one pass, blocks compiled (dynamic token counts),
+              the active variant's weights dequantized once (working copy)
   fast        quantization "float8-fast" (opt-in, lossy): float8 activations on the image stream
   switch      a new (LoRA, multiplier) variant from the resident base weights, recompiles after it,
               variants resident within the engine's memory budget
@@ -247,7 +248,8 @@ def per_forward_check(engine: Engine, reference, variant, cond, size: int, block
         txts = tuple(t.for_transformer(True)[0] for t in (cond, uncond))
         pes = tuple(sampling.rope_for(t.shape[1], ids, cfg.axes_dim) for t in txts)
         dropped = [reference.model(img, t, p, ts, g) for t, p in zip(txts, pes, strict=True)]
-        fast = variant.model.forward_batch(img, txts, pes, ts, g, blocks=blocks).split(1)
+        # The engine's module for this variant: its working copy when the recipe keeps one.
+        fast = engine.model_for(variant).forward_batch(img, txts, pes, ts, g, blocks=blocks).split(1)
     cfg_ref = ref[1] + 4.0 * (ref[0] - ref[1])
     cfg_fast = fast[1] + 4.0 * (fast[0] - fast[1])
     out[f"{label}_vs_reference_cond"] = rel(fast[0], ref[0])
