@@ -440,6 +440,9 @@ def main() -> int:
         if quantization == engine.config.quantization:
             return st["variant"]
         if quantization not in st:
+            # Built outside the engine's cache: make room first (the switch section may have filled it).
+            engine.variants.keep_only(st["variant"].key)
+            engine.release_memory()
             key = engine.variant_key([])
             st[quantization] = timed_build(
                 engine.base, type(key)(key.base, quantization, key.dtype, ()), [], device

@@ -183,3 +183,32 @@ def test_float8_variant_is_quantized_after_the_merge(engine_factory, tmp_path, d
     images = [pixels(engine, s) for s in (stack, [replace(stack[0], multiplier=0.0)], [])]
     assert not np.array_equal(images[0], images[2]), "the float8 variant must carry the LoRA"
     assert np.array_equal(images[1], images[2])
+
+
+def test_working_copy_renders_the_same_pixels_and_follows_the_active_variant(tiny_sources, lora_files):
+    """float8 weight-only with the active variant dequantized once renders what per-forward
+    dequantization renders; one working copy exists, for the variant rendered last."""
+    engines = {}
+    for mode in ("on", "off"):
+        engines[mode] = Engine(
+            EngineConfig(tiny_sources, quantization="float8", dtype="bfloat16", working_copy=mode)
+        )
+        engines[mode].load()
+    on, off = engines["on"], engines["off"]
+    assert on.recipe.working_copy and not off.recipe.working_copy
+    stack = [lora_input(lora_files["a"], 0.8)]
+    assert np.array_equal(pixels(on, stack), pixels(off, stack))
+
+    first, _ = on.get_variant(stack)
+    working = on.model_for(first)
+    assert working is not first.model and on.model_for(first) is working
+    second, _ = on.get_variant([lora_input(lora_files["b"])])
+    assert on.model_for(second) is not working
+    assert on._working is not None and on._working[0] == second.key
+    plain, _ = off.get_variant(stack)
+    assert off.model_for(plain) is plain.model
+
+
+def test_working_copy_setting_is_checked(tiny_sources):
+    with pytest.raises(ValueError, match="working_copy"):
+        Engine(EngineConfig(tiny_sources, working_copy="sometimes"))
