@@ -317,6 +317,7 @@ def main() -> int:
         "--quantization", choices=["float8", "float8-fast"], default="float8", help="the engine's own mode"
     )
     ap.add_argument("--warm-guidance", default="4,1", help="guidance values the warm-up compiles for")
+    ap.add_argument("--no-compile", action="store_true", help="eager blocks (memory and variant checks)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     _, _, _, size, steps = SCALES[args.scale]
@@ -367,7 +368,9 @@ def main() -> int:
     elif attention == "best":
         attention = "auto"
     res["attention"] = attention
-    config = EngineConfig(sources, quantization=args.quantization, compile=True, attention=attention)
+    config = EngineConfig(
+        sources, quantization=args.quantization, compile=not args.no_compile, attention=attention
+    )
     other = "float8-fast" if args.quantization == "float8" else "float8"
     engine = Engine(config)
     seconds, _ = clock.time(engine.load)
@@ -540,6 +543,8 @@ def main() -> int:
     def end_to_end() -> None:
         """One request: encode, denoise, decode, PNG."""
         loras = [LoraInput(*st["lora"], 1.0)] if "lora" in st else []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         seconds, gen = clock.time(lambda: engine.generate([p], loras))
         image = gen.images[0].image
         png = args.out / "e2e.png"
@@ -550,7 +555,12 @@ def main() -> int:
             "variant_cache_hit": gen.variant["cache_hit"],
             "png_bytes": png.stat().st_size,
             "size": image.size,
+            "variants_cached": gen.variant["variants_cached"],
         }
+        if cuda:
+            free, total = torch.cuda.mem_get_info(device)
+            res["e2e"]["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
+            res["e2e"]["card_gib"] = gib(total)
         log(f"end to end {res['e2e']}")
         table.append(("one request end to end (variant+encode+denoise+decode), s", f"{seconds:.2f}"))
 
