@@ -212,3 +212,36 @@ def test_working_copy_renders_the_same_pixels_and_follows_the_active_variant(tin
 def test_working_copy_setting_is_checked(tiny_sources):
     with pytest.raises(ValueError, match="working_copy"):
         Engine(EngineConfig(tiny_sources, working_copy="sometimes"))
+
+
+def test_out_of_memory_while_rendering_evicts_the_other_variants_and_retries_once(
+    tiny_sources, lora_files, monkeypatch
+):
+    from tasks.errors import OutOfMemory
+
+    engine = private_engine(tiny_sources)
+    first, second = [lora_input(lora_files["a"])], [lora_input(lora_files["b"])]
+    expected = pixels(engine, second)
+    engine.get_variant(first)
+    assert len(engine.variants) == 2
+    real, calls = engine.denoise, []
+
+    def denoise_once_out_of_memory(*args, **kwargs):
+        calls.append(len(engine.variants))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "denoise", denoise_once_out_of_memory)
+    assert np.array_equal(pixels(engine, second), expected)
+    assert calls == [2, 1], "the retry ran with only the variant in use left"
+    assert engine.variants.get(engine.variant_key(second)) is not None
+
+    def always_out_of_memory(*args, **kwargs):
+        calls.append(len(engine.variants))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "denoise", always_out_of_memory)
+    with pytest.raises(OutOfMemory):
+        engine.generate([PROMPT], second)
+    assert calls[2:] == [1], "nothing left to evict: no second try"
