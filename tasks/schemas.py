@@ -30,7 +30,12 @@ RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the refer
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+# A URL (``scheme://...``) or a well-known scheme written without slashes (``file:/etc/x``). A colon
+# anywhere else is an ordinary character of an S3 key (``run:v2/lora.safetensors``).
+_SCHEME = re.compile(
+    r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|(?:s3|s3a|s3n|file|https?|ftp|data|gs|hf|az|abfss?|wasbs?):)",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,10 @@ def check_lora_path_shape(path: str) -> None:
         raise ValueError(
             "LoRA path contains a backslash or a control character (NUL, newline, ...); "
             "use a plain key like 'job/lora.safetensors'"
+        )
+    if re.match(r"^[A-Za-z]:/", path):
+        raise ValueError(
+            "LoRA path is a local drive path; upload the file and give its key relative to the LoRA prefix"
         )
     key = path
     if _SCHEME.match(path):

@@ -137,6 +137,8 @@ def leftovers(cache: LoraCache) -> list[str]:
         ("job/lora.safetensors", "", ("loras", "job/lora.safetensors")),
         ("job/lora.safetensors", "/team/loras/", ("loras", "team/loras/job/lora.safetensors")),
         ("s3://shared-loras/x/y.safetensors", "team", ("shared-loras", "x/y.safetensors")),
+        ("run:v2/lora.safetensors", "team", ("loras", "team/run:v2/lora.safetensors")),  # a colon in a key
+        ("job/step:1000.safetensors", "", ("loras", "job/step:1000.safetensors")),
     ],
 )
 def test_lora_location(path: str, prefix: str, expected: tuple[str, str]) -> None:
@@ -151,6 +153,10 @@ def test_lora_location(path: str, prefix: str, expected: tuple[str, str]) -> Non
         "/abs/lora.safetensors",
         "job//lora.safetensors",
         "https://example.com/lora.safetensors",
+        "HTTPS://example.com/lora.safetensors",
+        "file:/etc/lora.safetensors",
+        "s3:loras/x.safetensors",
+        "gs://loras/x.safetensors",
         "s3://loras/../x.safetensors",
         "job/model.ckpt",
         "job\\lora.safetensors",
@@ -296,6 +302,16 @@ def test_reupload_is_fetched_again(
     assert new.sha256 != old.sha256
     assert new.path.read_bytes() == lora_bytes(seed=2)
     assert len(get_calls) == 2
+
+
+def test_keys_with_colons_and_spaces_are_fetched(client: BaseClient, bucket: str, tmp_path: Path) -> None:
+    """ai-toolkit names checkpoints by step; S3 keys may hold ':' and ' ' (sent URL-encoded)."""
+    cache = LoraCache(tmp_path, max_bytes=10**6, max_file_bytes=10**6)
+    _, key = lora_location("run:v2/my lora_000001000.safetensors", lora_bucket=bucket, lora_prefix="team")
+    put(client, bucket, key, lora_bytes(seed=3))
+    fetched = cache.fetch(client, bucket, key, field=FIELD)
+    assert fetched.path.read_bytes() == lora_bytes(seed=3)
+    assert fetched.uri == f"s3://{bucket}/team/run:v2/my lora_000001000.safetensors"
 
 
 def test_same_content_under_two_keys_is_stored_once(client: BaseClient, bucket: str, tmp_path: Path) -> None:
