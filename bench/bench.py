@@ -445,6 +445,7 @@ def main() -> int:
         if quantization not in st:
             # Built outside the engine's cache: make room first (the switch section may have filled it).
             engine.variants.keep_only(st["variant"].key)
+            engine._drop_working_copy()
             engine.release_memory()
             key = engine.variant_key([])
             st[quantization] = timed_build(
@@ -569,6 +570,7 @@ def main() -> int:
         for name, recipe in [
             ("eager_drop", Recipe(True, False, False, engine.recipe.attention)),
             ("eager_drop_batch", Recipe(True, True, False, engine.recipe.attention)),
+            ("eager_drop_batch_working", Recipe(True, True, False, engine.recipe.attention, True)),
         ]:
             time_denoise(engine, clock, variant_for("float8"), one_step, cond, 1, recipe)
             seconds = time_denoise(engine, clock, variant_for("float8"), p, cond, 1, recipe)[0]

@@ -251,14 +251,14 @@ def main() -> int:
                 torch.cuda.synchronize()
                 entry["recompile_after_reset_s"] = round(time.perf_counter() - t0, 2)
                 log(f"{path}: compile again after a reset: {entry['recompile_after_reset_s']}s")
-            del model, variant, step
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         except Exception as exc:  # keep the other paths' numbers
             import traceback
 
             entry["error"] = traceback.format_exc()[-3000:]
             log(f"{path} failed: {exc!r}")
+        model = variant = step = None  # the next path builds on a clean card
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         save()
     save()
     return 0

@@ -155,7 +155,7 @@ def check_lora_path_shape(path: str) -> None:
             "LoRA path contains a backslash or a control character (NUL, newline, ...); "
             "use a plain key like 'job/lora.safetensors'"
         )
-    if re.match(r"^[A-Za-z]:/", path):
+    if re.match(r"^[A-Za-z]:", path):
         raise ValueError(
             "LoRA path is a local drive path; upload the file and give its key relative to the LoRA prefix"
         )

@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     batch_cfg: bool = Field(True, description="run both guidance branches in one transformer pass")
     working_copy: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="keep the variant being rendered dequantized (same numbers, no per-step float8 "
-        "dequantization, ~17.8 GB more at full size); auto = on with CUDA",
+        description="keep the variant being rendered dequantized (same arithmetic, no per-step float8 "
+        "dequantization, ~17.8 GB more at full size); auto = on with CUDA when the card has room",
     )
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "cudnn",

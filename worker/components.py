@@ -88,6 +88,16 @@ def quantize_float8(module: torch.nn.Module) -> None:
     quantize_(module, Float8WeightOnlyConfig())
 
 
+def quantizes_activations(name: str) -> bool:
+    """Whether "float8-fast" quantizes this transformer Linear's activations (original names:
+    ``single_blocks.0.linear1``, ``double_blocks.3.img_mlp.0``): every single block and the image
+    stream of the double blocks."""
+    parts = name.split(".")
+    return parts[0] == "single_blocks" or (
+        parts[0] == "double_blocks" and len(parts) > 2 and parts[2].startswith("img_")
+    )
+
+
 def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: str) -> None:
     """Quantize one part of the transformer (``double_blocks.3``, ``single_blocks.0``, ``txt_in``...).
 
@@ -111,11 +121,7 @@ def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: 
     )
 
     def image_stream(layer: torch.nn.Module, name: str) -> bool:
-        if not isinstance(layer, torch.nn.Linear):
-            return False
-        return part.startswith("single_blocks.") or (
-            part.startswith("double_blocks.") and name.startswith("img_")
-        )
+        return isinstance(layer, torch.nn.Linear) and quantizes_activations(f"{part}.{name}")
 
     quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=image_stream)
     quantize_(

@@ -13,12 +13,14 @@ its float8 weight-only weights dequantized, see ``worker.variants.working_copy``
 changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
 (opt-in, lossy) adds float8 activations.
 
-Device failures are translated here: out-of-memory frees memory and fails the request; anything
-that leaves the CUDA context unusable becomes ``DeviceLost`` so the process can exit and be replaced.
+Device failures are translated here: out-of-memory frees memory and fails the request (a render
+first evicts the other cached variants and tries once more); anything that leaves the CUDA context
+unusable becomes ``DeviceLost`` so the process can exit and be replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -41,6 +43,7 @@ from worker.components import (
     load_tokenizer,
     load_vae,
     quantize_float8,
+    quantizes_activations,
     resolve,
 )
 from worker.lora import ParsedLora, parse_lora
@@ -192,6 +195,7 @@ class Engine:
             quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
         t3 = time.perf_counter()
+        self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.blocks_for(self.recipe)
         self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
@@ -235,6 +239,7 @@ class Engine:
         if cached is not None:
             return cached, True
         parsed = self.parse_loras(loras)
+        self._drop_working_copy()  # another variant's: it would only hold memory during the build
         self.variants.make_room(self._estimate_bytes())
 
         def build() -> Variant:
@@ -387,10 +392,23 @@ class Engine:
         recipe = recipe or self.recipe
         if not recipe.working_copy:
             return variant.model
-        if self._working is None or self._working[0] != variant.key:
-            self._working = None
-            self._working = (variant.key, working_copy(variant.model))
-        return self._working[1]
+        if self._working is not None and self._working[0] == variant.key:
+            return self._working[1]
+        self._drop_working_copy()
+        try:
+            copy = working_copy(variant.model)
+        except torch.OutOfMemoryError:
+            copy = None  # leave the except block before freeing: its traceback holds the partial copy
+        if copy is None:
+            log.warning("no room for the working copy; this render dequantizes per forward")
+            self.release_memory()
+            return variant.model
+        if copy is not variant.model:  # an unquantized model has nothing to dequantize: keep no reference
+            self._working = (variant.key, copy)
+        return copy
+
+    def _drop_working_copy(self) -> None:
+        self._working = None
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
@@ -445,6 +463,27 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _check_working_copy_fits(self) -> None:
+        """With ``working_copy="auto"``, keep it only where the card also holds one variant and the
+        reserve next to it (a 24 GB card does not); otherwise dequantize per forward as torchao does."""
+        auto = self.config.working_copy == "auto"
+        if not (self.recipe.working_copy and auto and self.device.type == "cuda"):
+            return
+        free, total = torch.cuda.mem_get_info(self.device)
+        needed = self._working_copy_bytes() + self._estimate_bytes() + self._reserve_bytes(total)
+        if free < needed:
+            log.warning(
+                "working copy off: %.1f GiB free after loading, %.1f GiB needed with one variant",
+                free / 2**30,
+                needed / 2**30,
+            )
+            self.recipe = dataclasses.replace(self.recipe, working_copy=False)
+
+    @staticmethod
+    def _reserve_bytes(total: int) -> int:
+        """Kept free for activations and the VAE: the larger of 8 GiB and 10% of the card."""
+        return max(8 * 2**30, total // 10)
+
     def _variant_budget(self) -> int:
         """Device bytes for cached variants: what is free after loading, less the working copy
         and a reserve for activations and the VAE (the larger of 8 GiB and 10% of the card)."""
@@ -452,9 +491,8 @@ class Engine:
             return self.config.variant_cache_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = max(8 * 2**30, total // 10)
             working = self._working_copy_bytes() if self.recipe.working_copy else 0
-            return max(free - working - reserve, self._estimate_bytes())
+            return max(free - working - self._reserve_bytes(total), self._estimate_bytes())
         return 8 * 2**30
 
     def _estimate_bytes(self) -> int:
@@ -462,12 +500,16 @@ class Engine:
         return sum(t.numel() for t in self.base.state.values()) * per_weight
 
     def _working_copy_bytes(self) -> int:
-        """Upper bound: every transformer weight in the compute dtype (float8 weight-only layers)."""
+        """Device bytes of a working copy: each float8 weight-only Linear weight in the compute dtype."""
         if self.config.quantization not in FLOAT8:
             return 0
-        return sum(t.numel() for name, t in self.base.state.items() if name.endswith(".weight")) * (
-            self.dtype.itemsize
+        fast = self.config.quantization == "float8-fast"
+        count = sum(
+            t.numel()
+            for name, t in self.base.state.items()
+            if name.endswith(".weight") and not (fast and quantizes_activations(name.removesuffix(".weight")))
         )
+        return count * self.dtype.itemsize
 
 
 DEVICE_LOST_MARKERS = (

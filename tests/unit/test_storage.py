@@ -155,6 +155,8 @@ def test_lora_location(path: str, prefix: str, expected: tuple[str, str]) -> Non
         "https://example.com/lora.safetensors",
         "HTTPS://example.com/lora.safetensors",
         "file:/etc/lora.safetensors",
+        "C:/loras/x.safetensors",
+        "C:x.safetensors",
         "s3:loras/x.safetensors",
         "gs://loras/x.safetensors",
         "s3://loras/../x.safetensors",

@@ -3,8 +3,10 @@ weights, share T5/VAE, and are quantized after the merge."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import shutil
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from worker import checkpoint
 from worker.checkpoint import linear_map
 from worker.components import Sources
 from worker.engine import Engine, EngineConfig, LoraInput
+from worker.variants import DequantizedLinear, working_copy
 
 PROMPT = ResolvedPrompt(0, "sks a photo of a person", "", 64, 64, 2, 4.0, 42)
 
@@ -202,11 +205,88 @@ def test_working_copy_renders_the_same_pixels_and_follows_the_active_variant(tin
     first, _ = on.get_variant(stack)
     working = on.model_for(first)
     assert working is not first.model and on.model_for(first) is working
+    old = weakref.ref(working)
+    del working
     second, _ = on.get_variant([lora_input(lora_files["b"])])
-    assert on.model_for(second) is not working
-    assert on._working is not None and on._working[0] == second.key
+    gc.collect()
+    assert old() is None, "the previous working copy is freed before the next variant is built"
+    assert on.model_for(second) is on._working[1] and on._working[0] == second.key
     plain, _ = off.get_variant(stack)
     assert off.model_for(plain) is plain.model
+
+
+def test_working_copy_falls_back_to_per_forward_dequantization_when_it_does_not_fit(
+    tiny_sources, monkeypatch
+):
+    from worker import engine as engine_module
+
+    engine = Engine(EngineConfig(tiny_sources, quantization="float8", working_copy="on"))
+    engine.load()
+    variant, _ = engine.get_variant([])
+
+    def no_room(model):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+
+    monkeypatch.setattr(engine_module, "working_copy", no_room)
+    assert engine.model_for(variant) is variant.model
+    assert engine._working is None
+
+
+def test_an_unquantized_model_keeps_no_working_copy_reference(tiny_sources):
+    engine = private_engine(tiny_sources, working_copy="on")
+    variant, _ = engine.get_variant([])
+    assert engine.model_for(variant) is variant.model
+    assert engine._working is None, "an evicted unquantized variant must not be kept alive"
+
+
+def test_fast_mode_quantizes_the_activations_of_the_image_stream_only():
+    from worker.components import quantizes_activations
+
+    for name in (
+        "single_blocks.0.linear1",
+        "single_blocks.37.linear2",
+        "double_blocks.3.img_mlp.0",
+        "double_blocks.18.img_attn.qkv",
+        "double_blocks.0.img_attn.proj",
+    ):
+        assert quantizes_activations(name), name
+    for name in (
+        "double_blocks.3.txt_mlp.2",
+        "double_blocks.0.txt_attn.qkv",
+        "img_in",
+        "txt_in",
+        "distilled_guidance_layer.in_proj",
+        "distilled_guidance_layer.layers.0.in_layer",
+        "final_layer.linear",
+    ):
+        assert not quantizes_activations(name), name
+
+
+def test_budget_leaves_room_for_the_working_copy_and_the_reserve(tiny_sources, monkeypatch):
+    """On CUDA: free memory after loading, less the working copy, less max(8 GiB, 10% of the card);
+    with "auto", the working copy stays off when the card cannot also hold one variant."""
+    engine = Engine(EngineConfig(tiny_sources, quantization="float8", dtype="bfloat16", working_copy="auto"))
+    engine.load()
+    variant, _ = engine.get_variant([])
+    copy = working_copy(variant.model)
+    dequantized = sum(
+        m.weight.numel() * m.weight.element_size() for m in copy.modules() if isinstance(m, DequantizedLinear)
+    )
+    assert engine._working_copy_bytes() == dequantized
+    gib = 2**30
+    engine.device = torch.device("cuda")
+    engine.recipe = replace(engine.recipe, working_copy=True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    assert engine._variant_budget() == 60 * gib - dequantized - 8 * gib
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
+    assert engine._variant_budget() == 100 * gib - dequantized - 14 * gib
+    engine._check_working_copy_fits()
+    assert engine.recipe.working_copy
+    need = dequantized + engine._estimate_bytes() + 8 * gib
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 24 * gib))
+    engine._check_working_copy_fits()
+    assert not engine.recipe.working_copy
+    assert engine._variant_budget() == max(need - 1 - 8 * gib, engine._estimate_bytes())
 
 
 def test_working_copy_setting_is_checked(tiny_sources):
