@@ -18,7 +18,9 @@ side in one process on one card:
   faults      out-of-memory inside ``Engine._guard``; a device-side assert in a subprocess
 
 Seconds are the denoising loop alone (25 steps, guidance 4, 1024x1024 by default), medians of
-``--runs`` runs, synchronized. Usage::
+``--runs`` runs, synchronized. Sections run most wanted first (warm-up, faithful, reference, fast,
+switch, end to end, new shapes, faults, ladder); one expected to end after ``--deadline`` seconds
+(560 by default, so a run fits a 10-minute command) is skipped and listed. Usage::
 
     python bench/bench.py --out results/            # full size, CUDA
     python bench/bench.py --scale smoke --out /tmp/s  # full width, 2+2 blocks: a quick check
@@ -90,6 +92,7 @@ SCALES = {
 }
 
 LOG: list[str] = []
+START = time.perf_counter()
 
 
 def log(msg: str) -> None:
@@ -316,7 +319,17 @@ def main() -> int:
     ap.add_argument(
         "--quantization", choices=["float8", "float8-fast"], default="float8", help="the engine's own mode"
     )
-    ap.add_argument("--warm-guidance", default="4,1", help="guidance values the warm-up compiles for")
+    ap.add_argument(
+        "--warm-guidance",
+        default="4",
+        help="guidance values the warm-up compiles for (the worker's own warm-up also compiles for 1)",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=560,
+        help="seconds from start: a section expected to end later is skipped (0: no deadline)",
+    )
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (memory and variant checks)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -417,7 +430,9 @@ def main() -> int:
         from torch._dynamo.utils import compile_times
 
         res["compile_times"] = compile_times(repr="str", aggregate=True)[:4000]
-        table.append(("worker-start warm-up (variant build + compile), s", str(res["warmup_s"])))
+        table.append(
+            (f"warm-up, guidance {args.warm_guidance} (variant build + compile), s", str(res["warmup_s"]))
+        )
 
     def new_shapes() -> None:
         """A new resolution and a new prompt length: no new graphs expected."""
@@ -581,18 +596,35 @@ def main() -> int:
         ("warmup", warmup, True),
         (label[args.quantization], lambda: measure_mode(args.quantization), cuda),
         ("reference", reference, True),
+        (label[other], lambda: measure_mode(other), cuda),
         ("switch", switch, True),
         ("e2e", end_to_end, True),
-        ("faults", lambda: res.__setitem__("faults", faults(engine, st)), cuda),
         ("new_shapes", new_shapes, True),
-        (label[other], lambda: measure_mode(other), cuda),
+        ("faults", lambda: res.__setitem__("faults", faults(engine, st)), cuda),
         ("ladder", ladder, True),
     ]
+
+    def expected_seconds(name: str) -> float:
+        """What a section should take, from what this run has measured so far (rough, generous)."""
+        per_image = res.get(f"{label[args.quantization]}_median_s", 6.0)
+        if name == label[other]:  # a second compile: about 1.6x the first (bench/RESULTS.md, run E)
+            return 1.6 * res.get("warmup_s", 200.0) + (args.runs + 1) * per_image + 20
+        if name == "reference":
+            return 2.8 * per_image * (args.reference_runs + 1)
+        if name == "ladder":
+            return 6 * 2 * per_image
+        return {"switch": 40.0, "e2e": 20.0, "new_shapes": 15.0, "faults": 40.0}.get(name, 0.0)
+
     for name, fn, wanted in sections:
         if not wanted or name in skip:
             continue
         if name != "warmup" and "variant" not in st:
             break
+        elapsed, expected = time.perf_counter() - START, expected_seconds(name)
+        if args.deadline and name != "warmup" and elapsed + expected > args.deadline:
+            res.setdefault("skipped_for_time", []).append(name)
+            log(f"section {name} skipped: {elapsed:.0f}s + ~{expected:.0f}s > {args.deadline:g}s")
+            continue
         try:
             fn()
         except Exception:
@@ -610,6 +642,9 @@ def main() -> int:
                         f"{res['reference_median_s'] / res[f'{name}_median_s']:.2f}x",
                     )
                 )
+    if res.get("skipped_for_time"):
+        table.append(("skipped to end by --deadline", ",".join(res["skipped_for_time"])))
+    res["total_s"] = round(time.perf_counter() - START, 1)
     res["table"] = table
     save()
     print("\n" + "-" * 78)
