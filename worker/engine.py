@@ -144,6 +144,11 @@ class Engine:
         self.config = config
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
+        if config.quantization == "float8-fast" and not _has_float8_matmul(self.device):
+            raise ValueError(
+                "quantization 'float8-fast' needs float8 matmuls (a CUDA card of compute capability 8.9 "
+                f"or newer, e.g. L4, H100) and {self.device} has none; use 'float8' (the default)"
+            )
         if config.text_padding not in ("auto", "mask", "drop"):
             raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
         if config.working_copy not in ("auto", "on", "off"):
@@ -540,6 +545,10 @@ def probe_device() -> bool:
         return value == 2.0
     except RuntimeError:
         return False
+
+
+def _has_float8_matmul(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _pick_device(name: str) -> torch.device:

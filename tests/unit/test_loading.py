@@ -114,3 +114,5 @@ def test_dtype_and_device_defaults(tiny_sources):
     assert engine.drop_padding is (engine.device.type == "cuda")
     with pytest.raises(ValueError, match="quantization"):
         Engine(EngineConfig(tiny_sources, quantization="int4"))
+    with pytest.raises(ValueError, match="float8-fast.*use 'float8'"):
+        Engine(EngineConfig(tiny_sources, quantization="float8-fast", device="cpu"))
