@@ -325,3 +325,35 @@ def test_out_of_memory_while_rendering_evicts_the_other_variants_and_retries_onc
     with pytest.raises(OutOfMemory):
         engine.generate([PROMPT], second)
     assert calls[2:] == [1], "nothing left to evict: no second try"
+
+
+def test_fast_mode_quantization_split_per_part(monkeypatch):
+    """float8-fast: float8 activations on the image stream, weight-only on the text stream and the
+    outer layers (checked on the CPU by recording what each quantize_ call selects)."""
+    import torchao.quantization
+
+    from worker.chroma_model import ChromaTransformer
+    from worker.components import quantize_transformer_part
+    from worker.tiny import TINY
+    from worker.variants import _parts
+
+    chosen: dict[str, set[str]] = {}
+
+    def record(module, config, filter_fn=None):
+        for name, layer in module.named_modules():
+            if filter_fn(layer, name):
+                chosen.setdefault(type(config).__name__, set()).add(f"{part}.{name}".rstrip("."))
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", record)
+    with torch.device("meta"):
+        model = ChromaTransformer(TINY)
+    for part, module in _parts(model):
+        quantize_transformer_part(part, module, "float8-fast")
+    dynamic, weight_only = (
+        chosen["Float8DynamicActivationFloat8WeightConfig"],
+        chosen["Float8WeightOnlyConfig"],
+    )
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert dynamic | weight_only == linears and not dynamic & weight_only
+    assert {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.2", "single_blocks.0.linear1"} <= dynamic
+    assert {"double_blocks.0.txt_attn.qkv", "txt_in", "img_in", "final_layer.linear"} <= weight_only
