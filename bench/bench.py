@@ -70,7 +70,7 @@ from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
 from worker.components import Sources  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
-from worker.tiny import FLUX_VAE, TINY, write_tokenizer  # noqa: E402
+from worker.tiny import FLUX_VAE, T5_V1_1, TINY, write_lora, write_tokenizer  # noqa: E402
 from worker.variants import timed_build  # noqa: E402
 
 PROMPT = (
@@ -142,16 +142,7 @@ def write_t5(path: Path, shape: dict, device: torch.device) -> None:
 
     d_model = shape.pop("d_model_ctx")
     assert d_model == shape["d_model"], "the transformer's text width must be T5's d_model"
-    config = T5Config(
-        **shape,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-    )
+    config = T5Config(**shape, **T5_V1_1, dropout_rate=0.0)
     with torch.device("meta"):
         model = T5EncoderModel(config)
     model = model.to(torch.bfloat16).to_empty(device=device)
@@ -173,27 +164,6 @@ def write_vae(path: Path, config: dict) -> None:
 
     vae = AutoencoderKL(**config)  # ~84M parameters: default init on the CPU takes a second
     vae.save_pretrained(str(path), safe_serialization=True)
-
-
-def write_lora(path: Path, cfg: ChromaConfig, rank: int, device: torch.device) -> str:
-    """An ai-toolkit-style LoRA (fp16, no alpha) on every Linear of every block; returns its sha256."""
-    from safetensors.torch import save_file
-
-    from worker.lora import module_table
-
-    table = module_table(cfg)
-    targets = [n for n, b in table.items() if n == b.target and n.startswith(("double_", "single_"))]
-    gen = torch.Generator(device).manual_seed(2)
-    tensors = {}
-    for name in targets:
-        block = table[name]
-        rows = block.stop - block.start
-        down = 0.01 * torch.randn(rank, block.in_features, generator=gen, device=device)
-        up = 0.01 * torch.randn(rows, rank, generator=gen, device=device)
-        tensors[f"diffusion_model.{name}.lora_A.weight"] = down.half().cpu()
-        tensors[f"diffusion_model.{name}.lora_B.weight"] = up.half().cpu()
-    save_file(tensors, str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -511,7 +481,8 @@ def main() -> int:
     def switch() -> None:
         """A new (LoRA, multiplier) variant from the resident base weights."""
         lora_path = args.work / f"lora-r{args.lora_rank}.safetensors"
-        sha = write_lora(lora_path, engine.cfg, args.lora_rank, device)
+        write_lora(lora_path, seed=2, rank=args.lora_rank, std=0.01, cfg=engine.cfg)
+        sha = hashlib.sha256(lora_path.read_bytes()).hexdigest()
         st["lora"] = (lora_path, sha)
         builds = []
         for i, mult in enumerate((1.0, 0.75, 0.5, 1.25)):

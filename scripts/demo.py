@@ -39,13 +39,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where to copy the outputs")
     args = parser.parse_args()
 
-    from worker.tiny import write_tiny_chroma, write_tiny_lora
+    from worker.tiny import write_lora, write_tiny_chroma
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's access log
     work = Path(tempfile.mkdtemp(prefix="chroma-demo-"))
     print(f"[1/5] tiny random Chroma + LoRA in {work}")
     sources = write_tiny_chroma(work / "model")
-    lora = write_tiny_lora(work / "lora.safetensors")
+    lora = write_lora(work / "lora.safetensors")
 
     print("[2/5] Redis and S3 (moto over HTTP) on free local ports")
     redis_server = RedisServer(work / "redis")

@@ -18,6 +18,16 @@ from safetensors.torch import save_file
 from worker.chroma_model import ChromaConfig, ChromaTransformer
 from worker.components import Sources
 
+# What makes a T5Config the T5 v1.1 encoder Chroma uses (the sizes are given beside it).
+T5_V1_1 = dict(
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    use_cache=False,
+    tie_word_embeddings=False,
+)
+
 TINY = ChromaConfig(
     in_channels=64,
     context_dim=32,
@@ -101,20 +111,7 @@ def write_tokenizer(path: Path, words: list[str], vocab_size: int = 0) -> None:
 def _write_text_encoder(path: Path, generator: torch.Generator) -> None:
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=128,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, **T5_V1_1)
     model = T5EncoderModel(config)
     with torch.no_grad():
         for param in model.parameters():
@@ -140,22 +137,23 @@ def _write_vae(path: Path, generator: torch.Generator) -> None:
     assert config["latent_channels"] == 16
 
 
-def write_tiny_lora(path: Path, seed: int = 1, rank: int = 4, std: float = 0.3) -> Path:
-    """An ai-toolkit-format LoRA for the tiny model (original names, fp16, no alpha)."""
-    from worker.checkpoint import linear_map
+def write_lora(path: Path, seed: int = 1, rank: int = 4, std: float = 0.3, cfg: ChromaConfig = TINY) -> Path:
+    """An ai-toolkit-format LoRA on every block Linear (original names, fp16, no alpha)."""
+    from worker.lora import module_table
 
     generator = torch.Generator().manual_seed(seed)
-    targets = sorted({block.target: block for block in linear_map(TINY).values()}.items())
+    targets = sorted(
+        (name, block)
+        for name, block in module_table(cfg).items()
+        if name == block.target and name.startswith(("double_blocks", "single_blocks"))
+    )
     tensors = {}
     for target, block in targets:
-        if not target.startswith(("double_blocks", "single_blocks")):
-            continue
-        rows = max(b.stop for b in linear_map(TINY).values() if b.target == target)
         tensors[f"diffusion_model.{target}.lora_A.weight"] = std * torch.randn(
             rank, block.in_features, generator=generator
         )
         tensors[f"diffusion_model.{target}.lora_B.weight"] = std * torch.randn(
-            rows, rank, generator=generator
+            block.stop, rank, generator=generator
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))

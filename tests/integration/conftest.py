@@ -52,7 +52,7 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3(s3_endpoint, tiny_sources, tmp_path_factory):
-    from worker.tiny import write_tiny_lora
+    from worker.tiny import write_lora
 
     client = boto3.client(
         "s3",
@@ -63,7 +63,7 @@ def s3(s3_endpoint, tiny_sources, tmp_path_factory):
     )
     client.create_bucket(Bucket="loras")
     client.create_bucket(Bucket="outputs")
-    lora = write_tiny_lora(tmp_path_factory.mktemp("lora") / "lora.safetensors")
+    lora = write_lora(tmp_path_factory.mktemp("lora") / "lora.safetensors")
     client.put_object(Bucket="loras", Key=LORA_KEY, Body=lora.read_bytes())
     return client
 
