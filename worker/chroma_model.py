@@ -27,6 +27,7 @@ and resolutions do not recompile).
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -156,11 +157,16 @@ class Approximator(nn.Module):
         return self.out_proj(x)
 
 
+@functools.cache
+def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
+    """Computed on the CPU, as the reference does, and copied to ``device`` once, not every step."""
+    with torch.inference_mode(False):
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, time_factor: float = 1000.0) -> Tensor:
     t = time_factor * t  # in t's own dtype: a bf16 timestep rounds here, as in the reference
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]
+    args = t[:, None].float() * _frequencies(dim // 2, max_period, t.device)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return embedding.to(t) if torch.is_floating_point(t) else embedding
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
-from tasks.schemas import ResolvedPrompt
+from tasks.schemas import SIZE_MULTIPLE, ResolvedPrompt
 from worker import sampling
 from worker.checkpoint import load_transformer
 from worker.chroma_model import Blocks
@@ -163,7 +163,9 @@ class Engine:
             batch_cfg=config.batch_cfg,
             compile=config.compile and cuda,
             attention=config.attention if cuda else "auto",  # the CUDA kernels' names mean nothing on a CPU
-            working_copy=config.working_copy == "on" or (config.working_copy == "auto" and cuda),
+            # An unquantized model has nothing to dequantize.
+            working_copy=config.quantization in FLOAT8
+            and (config.working_copy == "on" or (config.working_copy == "auto" and cuda)),
         )
         self.blocks = Blocks(compile=False, attention=self.recipe.attention)  # compiled in load()
         self.loaded = False
@@ -202,7 +204,7 @@ class Engine:
         t3 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
-        self.blocks = self.blocks_for(self.recipe)
+        self.blocks = Blocks(compile=self.recipe.compile, attention=self.recipe.attention)
         self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
         self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
         self.loaded = True
@@ -291,9 +293,9 @@ class Engine:
         """Render every prompt with the variant for ``loras``. Raises tasks.errors on failure."""
         self.load()
         for p in prompts:
-            if p.width % 32 or p.height % 32:
+            if p.width % SIZE_MULTIPLE or p.height % SIZE_MULTIPLE:
                 raise InvalidRequest(
-                    "size must be a multiple of 32 (resolve_prompts snaps it)", field="prompts"
+                    f"size must be a multiple of {SIZE_MULTIPLE} (resolve_prompts snaps it)", field="prompts"
                 )
         t0 = time.perf_counter()
         variant, hit = self.get_variant(loras)
@@ -360,8 +362,7 @@ class Engine:
     ):
         """The denoising loop alone -> packed latents. ``recipe`` overrides the engine's (benchmarks)."""
         recipe = recipe or self.recipe
-        blocks = self.blocks if recipe == self.recipe else self.blocks_for(recipe)
-        uncond = self._uncond if p.guidance_scale > 1.00001 else None
+        blocks = self.blocks_for(recipe)
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
         scheduler = sampling.make_scheduler(p.sample_steps, latents.shape[1], self.device)
@@ -378,7 +379,7 @@ class Engine:
                 model_fn,
                 latents,
                 cond,
-                uncond,
+                self._uncond,
                 p.guidance_scale,
                 scheduler,
                 self.cfg.axes_dim,
@@ -408,8 +409,7 @@ class Engine:
             log.warning("no room for the working copy; this render dequantizes per forward")
             self.release_memory()
             return variant.model
-        if copy is not variant.model:  # an unquantized model has nothing to dequantize: keep no reference
-            self._working = (variant.key, copy)
+        self._working = (variant.key, copy)
         return copy
 
     def _drop_working_copy(self) -> None:
@@ -417,7 +417,7 @@ class Engine:
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
-        if recipe == self.recipe and self.loaded:
+        if recipe == self.recipe:
             return self.blocks
         return Blocks(compile=recipe.compile, attention=recipe.attention)
 

@@ -17,6 +17,7 @@ rank 0, alpha 0, non-floating-point or non-finite values, or hold another adapte
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +75,17 @@ class ParsedLora:
         return len(self.layers)
 
 
+@functools.cache
 def module_table(cfg: ChromaConfig) -> dict[str, RowBlock]:
-    """Every name a LoRA may use for a Linear (original, diffusers, kohya) -> its row block."""
+    """Every name a LoRA may use for a Linear (original, diffusers, kohya) -> its row block.
+
+    Cached per architecture: callers must not change the table."""
     diffusers = linear_map(cfg)
-    table: dict[str, RowBlock] = {}
-    originals = {block.target: block for block in diffusers.values()}
-    for target, block in originals.items():
-        rows = max(b.stop for b in diffusers.values() if b.target == target)
-        table[target] = RowBlock(target, 0, rows, block.in_features)
+    rows: dict[str, RowBlock] = {}
+    for block in diffusers.values():
+        if block.target not in rows or block.stop > rows[block.target].stop:
+            rows[block.target] = block
+    table = {target: RowBlock(target, 0, block.stop, block.in_features) for target, block in rows.items()}
     table.update(diffusers)
     for name, block in list(table.items()):
         table.setdefault(name.replace(".", "_"), block)

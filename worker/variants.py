@@ -183,30 +183,31 @@ class VariantCache:
 
     def make_room(self, incoming_bytes: int) -> None:
         """Evict least-recently-used variants so ``incoming_bytes`` more fits the budget."""
-        while self._variants and self.nbytes + incoming_bytes > self.budget_bytes:
-            key, old = self._variants.popitem(last=False)
-            self.evictions += 1
-            log.info("evicting variant %s (%.1f MB)", _short(key), old.nbytes / 2**20)
-            del old
+        self._evict(lambda: self.nbytes + incoming_bytes <= self.budget_bytes)
 
     def put(self, variant: Variant) -> None:
         self._variants[variant.key] = variant
         self._variants.move_to_end(variant.key)
-        others = [k for k in self._variants if k != variant.key]
-        while others and self.nbytes > self.budget_bytes:
-            self._variants.pop(others.pop(0))
-            self.evictions += 1
+        self._evict(lambda: self.nbytes <= self.budget_bytes, keep=variant.key)
 
     def clear(self) -> None:
         self._variants.clear()
 
     def keep_only(self, key: VariantKey) -> int:
         """Evict every variant but ``key``; returns how many went."""
-        others = [k for k in self._variants if k != key]
-        for k in others:
-            del self._variants[k]
-        self.evictions += len(others)
-        return len(others)
+        return self._evict(lambda: False, keep=key)
+
+    def _evict(self, done, keep: VariantKey | None = None) -> int:
+        """Evict least recently used first (never ``keep``) until ``done()``; returns how many went."""
+        count = 0
+        for key in [k for k in self._variants if k != keep]:
+            if done():
+                break
+            nbytes = self._variants.pop(key).nbytes
+            count += 1
+            log.info("evicting variant %s (%.1f MB)", _short(key), nbytes / 2**20)
+        self.evictions += count
+        return count
 
 
 def timed_build(
