@@ -196,10 +196,9 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    settings = Settings()
+    args.settings = Settings()
     # Validate before importing the GPU side: a bad request fails fast, torch-free.
-    args.request_text = read_request(args.request)
-    validate_request(args.request_text, settings.limits)
+    args.checked = validate_request(read_request(args.request), args.settings.limits)
     try:
         from worker import local
     except ModuleNotFoundError as exc:

@@ -160,5 +160,6 @@ def app_for(settings: Settings) -> Celery:
     return make_celery(settings)
 
 
+@functools.cache
 def _error_classes() -> dict[str, type[WorkerError]]:
     return {cls.__name__: cls for cls in error_classes()}

@@ -51,13 +51,13 @@ class Settings(BaseSettings):
     max_lora_bytes: int = Field(2 * 2**30, ge=1)
 
     # Request limits.
-    max_prompts: int = Field(16, ge=1)
-    max_loras: int = Field(4, ge=0)
-    max_steps: int = Field(150, ge=1, le=150)
-    max_side: int = Field(4096, ge=64, le=4096)
-    max_pixels: int = Field(4096 * 4096, ge=64 * 64)
-    max_prompt_chars: int = Field(4000, ge=1)
-    max_request_bytes: int = Field(256 * 1024, ge=1024)
+    max_prompts: int = Field(Limits.max_prompts, ge=1)
+    max_loras: int = Field(Limits.max_loras, ge=0)
+    max_steps: int = Field(Limits.max_steps, ge=1, le=150)
+    max_side: int = Field(Limits.max_side, ge=64, le=4096)
+    max_pixels: int = Field(Limits.max_pixels, ge=64 * 64)
+    max_prompt_chars: int = Field(Limits.max_prompt_chars, ge=1)
+    max_request_bytes: int = Field(Limits.max_request_bytes, ge=1024)
 
     # Engine: sources are a hub id, a hub "repo/file" or a local path.
     transformer: str = "lodestones/Chroma1-Base/Chroma1-Base.safetensors"

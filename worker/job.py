@@ -21,7 +21,7 @@ from storage.s3 import storage_errors
 from tasks.schemas import GenerationRequest, ResolvedPrompt, resolve_prompts
 from tasks.settings import Settings
 from worker.engine import Engine, LoraInput
-from worker.results import build_result, settle, store_images
+from worker.results import add_timings, build_result, lora_entry, settle, store_images
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_job(
         key = output_key(settings.output_prefix, task_id, p.index, ext)
         start = time.perf_counter()
         upload_bytes(worker.s3, bucket, key, data, content_type)
-        timings["upload"] = timings.get("upload", 0.0) + time.perf_counter() - start
+        add_timings(timings, {"upload": time.perf_counter() - start})
         uploaded.append(key)
         return key, uri(bucket, key)
 
@@ -116,16 +116,7 @@ def fetch_loras(worker: Worker, request: GenerationRequest) -> tuple[list[LoraIn
         cached = worker.lora_cache.fetch(worker.s3, bucket, key, field=field, keep=tuple(keep))
         keep.append(cached.sha256)
         inputs.append(LoraInput(cached.path, cached.sha256, spec.network_multiplier, field))
-        meta.append(
-            {
-                "path": spec.path,
-                "uri": cached.uri,
-                "etag": cached.etag,
-                "sha256": cached.sha256,
-                "network_multiplier": spec.network_multiplier,
-                "layers_merged": 0,
-            }
-        )
+        meta.append(lora_entry(spec, cached.uri, cached.etag, cached.sha256))
     return inputs, meta
 
 
@@ -133,6 +124,7 @@ def remove_partial(worker: Worker, keys: list[str]) -> None:
     """Best effort: a failed job leaves no images behind (it never wrote result.json)."""
     for key in keys:
         try:
+            # Translated first: the raw error may echo what the server sent (kept out of logs).
             with storage_errors("delete", worker.settings.output_bucket, key):
                 worker.s3.delete_object(Bucket=worker.settings.output_bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure

@@ -9,6 +9,7 @@ in Redis so a task that kills its process every time fails after ``max_deliverie
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -23,12 +24,11 @@ log = logging.getLogger(__name__)
 DEVICE_LOST_EXIT_CODE = 70
 _lock = threading.Lock()
 _worker = None
-_load_error: BaseException | None = None
 
 
-def load_worker(settings: Settings | None = None):
+def load_worker(settings: Settings):
     """Build the process's Worker (engine loaded, storage ready); once per process."""
-    global _worker, _load_error
+    global _worker
     with _lock:
         if _worker is not None:
             return _worker
@@ -36,26 +36,24 @@ def load_worker(settings: Settings | None = None):
         from worker.engine import Engine, EngineConfig
         from worker.job import Worker
 
-        settings = settings or Settings()
-        try:
-            engine = Engine(EngineConfig.from_settings(settings))
-            engine.load()
-            if engine.device.type == "cuda" and settings.warmup_size_list:
-                log.info("warm-up: %s", engine.warmup(settings.warmup_size_list))
-        except Exception as exc:
-            _load_error = exc
-            raise
-        cache = LoraCache(
-            os.path.expanduser(settings.lora_cache_dir), settings.lora_cache_bytes, settings.max_lora_bytes
-        )
+        engine = Engine(EngineConfig.from_settings(settings))
+        engine.load()
+        if engine.device.type == "cuda" and settings.warmup_size_list:
+            log.info("warm-up: %s", engine.warmup(settings.warmup_size_list))
+        cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
         _worker = Worker(settings, engine, client_from_settings(settings), cache)
-        _load_error = None
         return _worker
+
+
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    """One client (and connection pool) per process and URL, not a new connection per task."""
+    return redis.Redis.from_url(url)
 
 
 def count_delivery(settings: Settings, task_id: str, retries: int) -> int:
     """How many times this task (at this retry) has started, this time included."""
-    client = redis.Redis.from_url(settings.result_backend)
+    client = _redis(settings.result_backend)
     key = f"chroma:deliveries:{task_id}:{retries}"
     try:
         with client.pipeline() as pipe:
@@ -69,8 +67,6 @@ def count_delivery(settings: Settings, task_id: str, retries: int) -> int:
         raise TransientError(
             f"could not count this delivery: result backend unreachable ({type(exc).__name__})"
         ) from exc
-    finally:
-        client.close()
     return int(count)
 
 

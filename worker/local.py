@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import InvalidRequest, LoraNotFound, WorkerError
-from tasks.schemas import GenerationRequest, ResolvedPrompt, lora_bucket, resolve_prompts, validate_request
-from tasks.settings import Settings
+from tasks.schemas import GenerationRequest, ResolvedPrompt, lora_bucket, resolve_prompts
 from worker.engine import Engine, EngineConfig, LoraInput
-from worker.results import build_result, settle, store_images
+from worker.results import build_result, lora_entry, settle, store_images
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +80,14 @@ def local_loras(request: GenerationRequest, lora_dir: Path) -> tuple[list[LoraIn
             raise LoraNotFound(f"no LoRA file at {path}", field=field)
         sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         inputs.append(LoraInput(path, sha256, spec.network_multiplier, field))
-        meta.append(
-            {
-                "path": spec.path,
-                "uri": str(path),
-                "etag": None,
-                "sha256": sha256,
-                "network_multiplier": spec.network_multiplier,
-                "layers_merged": 0,
-            }
-        )
+        meta.append(lora_entry(spec, str(path), None, sha256))
     return inputs, meta
 
 
 def main_run(args: argparse.Namespace) -> int:
     """Entry point of ``chroma-worker run`` (the request was already validated, torch-free)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    request = validate_request(args.request_text, settings.limits)
-    config = EngineConfig.from_settings(settings)
+    request, config = args.checked, EngineConfig.from_settings(args.settings)
     if args.device:
         config = replace(config, device=args.device)
     engine = Engine(config)

@@ -68,6 +68,18 @@ def image_entry(p: ResolvedPrompt, key: str, uri: str, data: bytes, content_type
 
 
 @functools.cache
+def lora_entry(spec, uri: str, etag: str | None, sha256: str) -> dict[str, Any]:
+    """result.json's record of one requested LoRA (``layers_merged`` is filled in by ``settle``)."""
+    return {
+        "path": spec.path,
+        "uri": uri,
+        "etag": etag,
+        "sha256": sha256,
+        "network_multiplier": spec.network_multiplier,
+        "layers_merged": 0,
+    }
+
+
 def versions() -> dict[str, str | None]:
     """Package, torch, CUDA and GPU versions; fixed for the life of the process."""
 
