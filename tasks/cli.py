@@ -216,11 +216,11 @@ def command_worker(args: argparse.Namespace) -> int:
     return EXIT_FAILED  # not reached: execvp replaces the process or raises
 
 
-def worker_argv(queue: str, celery_args: list[str]) -> list[str]:
+def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list[str]:
     """``celery worker`` for one GPU: one pool process (the only one that touches CUDA, replaced when
     it dies), one task at a time."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "--pool", "prefork", "-Q", queue, "--concurrency", "1",
         *celery_args,
     ]  # fmt: skip

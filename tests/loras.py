@@ -14,6 +14,7 @@ corpus of broken files, each with the fragments its ``InvalidLora`` message must
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from worker.checkpoint import linear_map
 from worker.chroma_model import ChromaConfig
+from worker.engine import LoraInput
+from worker.lora import module_table
 from worker.tiny import TINY
 
 # Fused projections, a single block's linear1/linear2, MLPs, embedders and the output layer.
@@ -58,15 +61,6 @@ class Pair:
     up: Tensor
 
 
-def original_shapes(cfg: ChromaConfig) -> dict[str, tuple[int, int]]:
-    """Original Linear name -> (out, in), from the diffusers split table."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for block in linear_map(cfg).values():
-        out, _ = shapes.get(block.target, (0, 0))
-        shapes[block.target] = (max(out, block.stop), block.in_features)
-    return shapes
-
-
 def random_lora(
     cfg: ChromaConfig = TINY,
     modules: tuple[str, ...] = MODULES,
@@ -76,10 +70,10 @@ def random_lora(
 ) -> dict[str, Pair]:
     """One random pair per module; std 0.25 at rank 4 changes the tiny model's images visibly."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = original_shapes(cfg)
+    table = module_table(cfg)
     pairs = {}
     for module in modules:
-        out, inp = shapes[module]
+        out, inp = table[module].stop, table[module].in_features
         down = (std * torch.randn(rank, inp, generator=generator)).half().float()
         up = (std * torch.randn(out, rank, generator=generator)).half().float()
         pairs[module] = Pair(down, up)
@@ -396,3 +390,8 @@ MALFORMED: tuple[Malformed, ...] = (
     ),
     Malformed("header_not_object", _bytes(lambda: _raw_header([1, 2, 3])), ("not a readable safetensors",)),
 )
+
+
+def lora_input(path: Path, multiplier: float = 1.0, field: str = "loras") -> LoraInput:
+    """A LoRA file as the engine takes it: identified by its content."""
+    return LoraInput(path, hashlib.sha256(path.read_bytes()).hexdigest(), multiplier, field)

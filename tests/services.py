@@ -16,7 +16,6 @@ import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import redis
 
+from tasks.cli import worker_argv
 from tests.s3server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,9 +153,9 @@ class WorkerProcess:
         self.name = name  # the node is name@host
         self.log_path = log
         self.log = log.open("w")
-        argv = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
-                "--concurrency", "1", "-Q", queue, "--loglevel", "INFO", "-n", f"{name}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        extra = ["--loglevel", "INFO", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat"]  # fmt: skip
+        argv = worker_argv(queue, extra, app=app)  # the command line production uses
         self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -230,7 +230,6 @@ class FaultProxy:
         self.fail_next = 0
         self.methods: set[str] | None = None
         self.path_contains = ""
-        self.requests = 0
         self.log: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
         self._open: set = set()
@@ -239,9 +238,8 @@ class FaultProxy:
         self.start()
 
     def _decide(self, method: str, path: str) -> str:
-        """The fate of one request ("down", "503" or "pass"), counted and logged."""
+        """The fate of one request ("down", "503" or "pass"), logged."""
         with self._lock:
-            self.requests += 1
             matches = (self.methods is None or method in self.methods) and self.path_contains in path
             if matches and self.mode == "down":
                 self.log.append((method, path, 0))
@@ -341,7 +339,6 @@ class FaultProxy:
         """Pass everything again and forget what was seen (listening again if stopped)."""
         with self._lock:
             self.mode, self.fail_next, self.methods, self.path_contains = "pass", 0, None, ""
-            self.requests = 0
             self.log = []
         if self.server is None:
             self.start()

@@ -377,13 +377,9 @@ FILE_LEVEL_MESSAGES = {
 }
 
 
-def field_matches(actual: str | None, expected: str) -> bool:
-    return actual is not None and (actual == expected or actual.startswith(expected + "."))
-
-
 def test_malformed_requests_and_loras_fail_clearly_and_the_worker_serves_a_good_task(make_stack, s3):
     from tests import loras
-    from tests.unit.test_requests_corpus import BAD, load_bad
+    from tests.unit.test_requests_corpus import BAD, field_matches, load_bad
 
     stack = make_stack(**LIMITS)
     worker = stack.start_worker()

@@ -99,7 +99,11 @@ def test_default_rope_split():
 
 def test_sources_resolve_locally_and_never_download_offline(tmp_path, monkeypatch):
     assert resolve(str(tmp_path)) == tmp_path
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: set what it consults at call time too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(Exception) as excinfo:
         resolve("nobody-here/not-a-model/transformer.safetensors")
     assert "offline" in str(excinfo.value).lower() or "cache" in str(excinfo.value).lower()

@@ -7,7 +7,6 @@ split into its projections, and compare with the engine's merge under the checkp
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def merged(state: dict[str, Tensor], stack: list[tuple[ParsedLora, float]]) -> d
 
 
 def lora_input(path: Path, multiplier: float = 1.0) -> LoraInput:
-    return LoraInput(path, hashlib.sha256(path.read_bytes()).hexdigest(), multiplier, field=FIELD)
+    return loras.lora_input(path, multiplier, field=FIELD)
 
 
 def by_hand_in_diffusers_space(

@@ -4,7 +4,6 @@ weights, share T5/VAE, and are quantized after the merge."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import shutil
 import weakref
 from dataclasses import asdict, replace
@@ -25,8 +24,7 @@ from worker.variants import DequantizedLinear, working_copy
 PROMPT = ResolvedPrompt(0, "sks a photo of a person", "", 64, 64, 2, 4.0, 42)
 
 
-def lora_input(path: Path, multiplier: float = 1.0) -> LoraInput:
-    return LoraInput(path, hashlib.sha256(path.read_bytes()).hexdigest(), multiplier)
+lora_input = loras.lora_input
 
 
 @pytest.fixture(scope="module")
