@@ -121,19 +121,22 @@ def write_components(folder: Path, scale: str, device: torch.device) -> Sources:
     )
 
 
+def random_weights(cfg: ChromaConfig, device: torch.device):
+    """(name, bf16 tensor on ``device``) for every transformer weight: std 0.02, norm scales ~1."""
+    with torch.device("meta"):
+        model = ChromaTransformer(cfg)
+    gen = torch.Generator(device).manual_seed(0)
+    for name, p in model.state_dict().items():
+        value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+        value = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
+        yield name, value.to(torch.bfloat16)
+
+
 def write_transformer(path: Path, cfg: ChromaConfig, device: torch.device) -> None:
     """One single-file checkpoint, original key names, bf16 (as Chroma1-Base ships)."""
     from safetensors.torch import save_file
 
-    with torch.device("meta"):
-        model = ChromaTransformer(cfg)
-    gen = torch.Generator(device).manual_seed(0)
-    state = {}
-    for name, p in model.state_dict().items():
-        value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
-        value = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
-        state[name] = value.to(torch.bfloat16).cpu()
-    save_file(state, str(path))
+    save_file({name: value.cpu() for name, value in random_weights(cfg, device)}, str(path))
 
 
 def write_t5(path: Path, shape: dict, device: torch.device) -> None:

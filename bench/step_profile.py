@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench import engine_only  # noqa: E402  (bench/bench.py)
+from bench import Clock, engine_only, random_weights  # noqa: E402  (bench/bench.py)
 
 engine_only()
 
 import torch  # noqa: E402
 
 from worker import sampling  # noqa: E402
-from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
+from worker.chroma_model import Blocks, ChromaConfig  # noqa: E402
 from worker.variants import BaseWeights, working_copy  # noqa: E402
 
 PATHS = {
@@ -55,14 +55,8 @@ def log(msg: str) -> None:
 
 
 def random_base(cfg: ChromaConfig, device: torch.device) -> BaseWeights:
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in ChromaTransformer(cfg).state_dict().items()}
-    gen = torch.Generator(device).manual_seed(0)
-    state = {}
-    for name, shape in shapes.items():
-        value = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
-        state[name] = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
-    return BaseWeights(cfg, state, torch.bfloat16, pin=False)
+    """The benchmark's random weights, held on the card (no checkpoint file)."""
+    return BaseWeights(cfg, dict(random_weights(cfg, device)), torch.bfloat16, pin=False)
 
 
 def category(name: str) -> str:
@@ -224,13 +218,8 @@ def main() -> int:
             from torch._dynamo.utils import compile_times
 
             entry["compile_times"] = compile_times(repr="str", aggregate=True)[:3000]
-            times = []
-            for _ in range(args.runs):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+            clock = Clock(device)
+            times = [clock.time(step)[0] for _ in range(args.runs)]
             entry["step_ms"] = [round(t * 1e3, 2) for t in times]
             entry["step_ms_median"] = round(statistics.median(times) * 1e3, 2)
             entry["denoise_25_steps_s"] = round(statistics.median(times) * 25, 3)
