@@ -12,7 +12,7 @@ and a profile of ``--profile-steps`` steps, its kernels grouped into GEMM, atten
 Paths: ``weight_only`` (float8 weight-only, dequantized per forward), ``working`` (the same
 variant's working copy, dequantized once: the engine's default), ``fast`` and ``fast_working``
 (float8-fast, without and with the working copy of its weight-only layers), ``bf16`` (no
-quantization).
+quantization); ``*_kernels`` runs the single block's q/k/v kernel (``worker.kernels``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig  # noqa: E402
 from worker.variants import BaseWeights, working_copy  # noqa: E402
 
-PATHS = {
-    "weight_only": ("float8", False),
-    "working": ("float8", True),
-    "fast": ("float8-fast", False),
-    "fast_working": ("float8-fast", True),
-    "bf16": ("none", False),
+PATHS = {  # quantization, working copy, the single block's q/k/v kernel
+    "weight_only": ("float8", False, False),
+    "working": ("float8", True, False),
+    "working_kernels": ("float8", True, True),
+    "fast": ("float8-fast", False, False),
+    "fast_working": ("float8-fast", True, False),
+    "fast_working_kernels": ("float8-fast", True, True),
+    "bf16": ("none", False, False),
 }
 
 
@@ -142,8 +144,9 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--attention", default="cudnn")
     ap.add_argument("--recompile", action="store_true", help="reset and compile the first path again")
-    ap.add_argument("--inductor", default="", help="inductor settings, e.g. coordinate_descent_tuning=1")
+    ap.add_argument("--inductor", default="", help="inductor settings, e.g. triton.prefer_nd_tiling=1")
     ap.add_argument("--attention-layouts", action="store_true", help="time SDPA on block layouts")
+    ap.add_argument("--save-outputs", action="store_true", help="write each path's output to <out>/<path>.pt")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -166,9 +169,14 @@ def main() -> int:
     import torch._inductor.config as inductor_config
 
     for item in [i for i in args.inductor.split(",") if i]:
-        key, _, value = item.partition("=")
-        setattr(inductor_config, key, type(getattr(inductor_config, key))(int(value)))
-        res.setdefault("inductor", {})[key] = getattr(inductor_config, key)
+        key, _, value = item.partition("=")  # e.g. triton.prefer_nd_tiling=1
+        *outer, last = key.split(".")
+        section = inductor_config
+        for name in outer:
+            section = getattr(section, name)
+        current = getattr(section, last)
+        setattr(section, last, bool(int(value)) if isinstance(current, bool) else int(value))
+        res.setdefault("inductor", {})[key] = getattr(section, last)
     if args.attention_layouts:
         res["attention_layouts"] = attention_layouts(cfg, (args.size // 16) ** 2 + 37, device)
         log(f"attention layouts: {res['attention_layouts']}")
@@ -192,8 +200,8 @@ def main() -> int:
     outputs = {}
 
     for path in [p for p in args.paths.split(",") if p]:
-        quantization, keep_working = PATHS[path]
-        entry: dict = {"quantization": quantization, "working_copy": keep_working}
+        quantization, keep_working, kernels = PATHS[path]
+        entry: dict = {"quantization": quantization, "working_copy": keep_working, "kernels": kernels}
         res[path] = entry
         try:
             torch._dynamo.reset()
@@ -202,7 +210,7 @@ def main() -> int:
             model = working_copy(variant) if keep_working else variant
             torch.cuda.synchronize()
             entry["build_s"] = round(time.perf_counter() - t0, 3)
-            blocks = Blocks(compile=True, attention=args.attention)
+            blocks = Blocks(compile=True, attention=args.attention, kernels=kernels)
 
             @torch.inference_mode()
             def step(model=model, blocks=blocks):
@@ -226,6 +234,8 @@ def main() -> int:
             entry["profile"] = profile(step, args.profile_steps)
             entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             outputs[path] = out.float()
+            if args.save_outputs:
+                torch.save(out.cpu(), args.out / f"{path}.pt")
             first = next(iter(outputs.values()))
             entry["rel_diff_vs_first_path"] = float((out.float() - first).norm() / first.norm())
             log(

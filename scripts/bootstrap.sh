@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --disable-pip-version-check --upgrade pip
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 python -m pip install -q --disable-pip-version-check -e ".[worker,test]"
+# A CPU build of torch comes without Triton; the kernel tests run Triton's interpreter.
+python -c "import triton" 2>/dev/null || python -m pip install -q --disable-pip-version-check "triton==3.6.0"
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null

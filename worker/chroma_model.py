@@ -193,8 +193,10 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
     return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None) -> Tensor:
-    q, k = apply_rope(q, k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None, mask: Tensor | None) -> Tensor:
+    """Joint attention; ``pe`` None means q and k are already rotated."""
+    if pe is not None:
+        q, k = apply_rope(q, k, pe)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     batch, heads, length, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
@@ -228,14 +230,36 @@ def joint_attention(
     return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, pes: tuple[Tensor, ...], mask: Tensor | None) -> Tensor:
-    """Attention over a packed single stream: segment s is the next ``pes[s].shape[2]`` tokens."""
+def packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, pes: tuple[Tensor, ...], mask: Tensor | None, rotated: bool = False
+) -> Tensor:
+    """Attention over a packed single stream: segment s is the next ``pes[s].shape[2]`` tokens.
+
+    ``rotated``: q and k already carry RoPE (``kernels.qkv_heads``)."""
     if len(pes) == 1:
-        return attention(q, k, v, pes[0], mask)
+        return attention(q, k, v, None if rotated else pes[0], mask)
     assert mask is None, "segments run without a mask (padding dropped)"
     sizes = [pe.shape[2] for pe in pes]
     parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), pes, strict=True)
-    return torch.cat([attention(qs, ks, vs, pe, None) for qs, ks, vs, pe in parts], dim=1)
+    return torch.cat(
+        [attention(qs, ks, vs, None if rotated else pe, None) for qs, ks, vs, pe in parts], dim=1
+    )
+
+
+def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
+    """The segments' RoPE tables, one row per token of the packed stream: (rows, D/2, 2, 2)."""
+    return torch.cat([pe.reshape(-1, *pe.shape[-3:]) for pe in pes])
+
+
+def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``layer(x)`` as (matmul, bias still to add) for an ordinary weight, (output, None) otherwise.
+
+    A working-copy layer adds its bias after the matmul anyway (``DequantizedLinear``); a quantized
+    tensor subclass runs its own matmul and bias."""
+    weight = layer.weight
+    if type(weight) in (Tensor, nn.Parameter):
+        return torch.matmul(x.to(weight.dtype), weight.t()), layer.bias
+    return layer(x), None
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,14 +325,37 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + mlp, dim)
         self.norm = QKNorm(cfg.head_dim)
 
-    def forward(self, x: Tensor, pes: tuple[Tensor, ...], mod: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, pes: tuple[Tensor, ...], mod: Tensor, mask: Tensor | None, kernels: bool = False
+    ) -> Tensor:
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = packed_attention(q, k, v, pes, mask)
+        head_dim = dim // self.num_heads
+        if kernels and mask is None and x.shape[0] == 1 and head_dim & (head_dim - 1) == 0:
+            # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
+            from worker.kernels import qkv_heads  # imports Triton: only where the kernel runs
+
+            raw, bias = product(self.linear1, x_mod)
+            rows = raw.shape[1]
+            heads = qkv_heads(
+                raw.view(rows, -1),
+                bias,
+                self.norm.query_norm.scale,
+                self.norm.key_norm.scale,
+                packed_rope(pes),
+                self.num_heads,
+            )
+            q, k, v = heads.unsqueeze(1).unbind(0)
+            attn = packed_attention(q, k, v, pes, None, rotated=True)
+            mlp = raw[..., 3 * dim :] if bias is None else raw[..., 3 * dim :] + bias[3 * dim :]
+        else:
+            qkv, mlp = torch.split(
+                self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1
+            )
+            q, k, v = split_heads(qkv, self.num_heads)
+            q, k = self.norm(q, k, v)
+            attn = packed_attention(q, k, v, pes, mask)
         return x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2))
 
 
@@ -443,8 +490,8 @@ def run_double(block, img, txt, pes, img_mod, txt_mod, mask):
     return block(img, txt, pes, img_mod, txt_mod, mask)
 
 
-def run_single(block, x, pes, mod, mask):
-    return block(x, pes, mod, mask)
+def run_single(block, x, pes, mod, mask, kernels=False):
+    return block(x, pes, mod, mask, kernels)
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -457,14 +504,17 @@ class Blocks:
     block of every fused variant goes through the same compiled code, its weights passed as
     inputs, so a new LoRA variant costs no recompile. Token counts are marked dynamic, so a new
     prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
-    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced.
+    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs the
+    single block's q/k/v preparation as one Triton kernel (``worker.kernels``); it needs Triton and
+    a device it runs on, and the engine asks for it only on CUDA.
     """
 
-    def __init__(self, compile: bool = False, attention: str = "auto"):
+    def __init__(self, compile: bool = False, attention: str = "auto", kernels: bool = False):
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.compiled = compile
         self.attention = attention
+        self.kernels = kernels
         if compile:
             import torch.fx.experimental._config as fx_config
 
@@ -484,7 +534,7 @@ class Blocks:
     def single(self, block, x, pes, mod, mask):
         if self.compiled:
             _mark_tokens(x, None, *pes)
-        return self._single(block, x, pes, mod, mask)
+        return self._single(block, x, pes, mod, mask, self.kernels)
 
     def context(self):
         if self.attention == "auto":

@@ -1,0 +1,80 @@
+"""Checks of ``worker.kernels`` run in Triton's interpreter: ``python -m tests.unit.kernel_checks``.
+
+The interpreter is chosen when Triton is imported (``TRITON_INTERPRET=1``), so these run in their
+own process (``test_kernels.py`` starts it) and print one JSON object of measured differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from worker import sampling
+from worker.chroma_model import Blocks, ChromaTransformer, default_axes
+from worker.tiny import TINY
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def kernel_inputs(dtype: torch.dtype, heads: int = 4, dim: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = sampling.image_ids(80, 64, torch.float32, torch.device("cpu"))  # 20 image tokens
+    pe = torch.cat(
+        [sampling.rope_for(n, ids, default_axes(dim)).reshape(-1, dim // 2, 2, 2) for n in (15, 5)]
+    )
+    rows = pe.shape[0]
+    raw = torch.randn(rows, 3 * heads * dim + 64, generator=gen).to(dtype)  # + 64 MLP columns, skipped
+    bias = torch.randn(3 * heads * dim, generator=gen).to(dtype)
+    q_scale, k_scale = (
+        (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype),
+        torch.rand(dim, generator=gen).to(dtype),
+    )
+    return raw, bias, q_scale, k_scale, pe, heads
+
+
+@torch.inference_mode()
+def main() -> dict:
+    from worker import kernels
+
+    out: dict = {"interpreter": os.environ.get("TRITON_INTERPRET") == "1", "available": kernels.available()}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        args = kernel_inputs(dtype)
+        got = kernels.qkv_heads(*args)
+        out[f"shape_{name}"] = list(got.shape)
+        out[f"kernel_vs_reference_{name}"] = rel(got, kernels.reference(*args))
+        no_bias = (args[0], None, *args[2:])
+        out[f"no_bias_vs_reference_{name}"] = rel(kernels.qkv_heads(*no_bias), kernels.reference(*no_bias))
+        # The comparison can fail: q and k scales swapped, or the RoPE table of the wrong rows.
+        swapped = (args[0], args[1], args[3], args[2], *args[4:])
+        out[f"swapped_scales_vs_reference_{name}"] = rel(
+            kernels.qkv_heads(*swapped), kernels.reference(*args)
+        )
+        shifted = (*args[:4], args[4].roll(1, 0), args[5])
+        out[f"shifted_rope_vs_reference_{name}"] = rel(kernels.qkv_heads(*shifted), kernels.reference(*args))
+
+    # The whole model: the single blocks with the kernel against the plain blocks, two segments.
+    torch.manual_seed(0)
+    model = ChromaTransformer(TINY).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(1, 20, TINY.in_channels, generator=gen)
+    ids = sampling.image_ids(80, 64, torch.float32, torch.device("cpu"))
+    txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen) for n in (9, 2))
+    pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in (9, 2))
+    t, g = torch.tensor([0.4]), torch.zeros(1)
+    plain = model.forward_batch(img, txts, pes, t, g, blocks=Blocks())
+    fused = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True))
+    out["model_kernels_vs_plain_float32"] = rel(fused, plain)
+    one = model(img, txts[0], pes[0], t, g, blocks=Blocks(kernels=True))
+    out["model_one_segment_kernels_vs_plain_float32"] = rel(one, model(img, txts[0], pes[0], t, g))
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
