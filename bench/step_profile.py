@@ -63,12 +63,12 @@ def random_base(cfg: ChromaConfig, device: torch.device) -> BaseWeights:
 
 def category(name: str) -> str:
     low = name.lower()
+    if low.startswith(("triton", "_qkv_heads")):  # before "attention": fused names can contain it
+        return "triton"
     if any(k in low for k in ("fmha", "flash", "attention", "cudnn", "sdpa")):
         return "attention"
     if any(k in low for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_mm_", "matmul")):
         return "gemm"
-    if low.startswith("triton"):
-        return "triton"
     return "other"
 
 
