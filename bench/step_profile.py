@@ -18,8 +18,11 @@ quantization); ``*_kernels`` runs the single block's q/k/v kernel (``worker.kern
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -105,6 +108,13 @@ def profile(fn, steps: int) -> dict:
     }
 
 
+def python_profile(profiler: cProfile.Profile, top: int = 60) -> str:
+    """Where the first call's wall time goes in Python (compile, autotuning, first launches)."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()[-12000:]
+
+
 def attention_layouts(cfg: ChromaConfig, length: int, device: torch.device) -> dict:
     """cuDNN attention time (ms) for q/k/v contiguous vs the strided views the blocks pass."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -146,6 +156,9 @@ def main() -> int:
     ap.add_argument("--recompile", action="store_true", help="reset and compile the first path again")
     ap.add_argument("--inductor", default="", help="inductor settings, e.g. triton.prefer_nd_tiling=1")
     ap.add_argument("--attention-layouts", action="store_true", help="time SDPA on block layouts")
+    ap.add_argument(
+        "--profile-first-call", action="store_true", help="cProfile each path's first call (compile time)"
+    )
     ap.add_argument("--save-outputs", action="store_true", help="write each path's output to <out>/<path>.pt")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,10 +231,17 @@ def main() -> int:
                     return model.forward_batch(img, txts, pes, timestep, guidance, blocks=blocks)
 
             for label in ("first_call_s", "second_call_s"):
+                profiler = cProfile.Profile() if args.profile_first_call and label == "first_call_s" else None
                 t0 = time.perf_counter()
+                if profiler:
+                    profiler.enable()
                 out = step()
                 torch.cuda.synchronize()
+                if profiler:
+                    profiler.disable()
                 entry[label] = round(time.perf_counter() - t0, 2)
+                if profiler:
+                    entry["first_call_python_profile"] = python_profile(profiler)
             log(f"{path}: first call {entry['first_call_s']}s, second {entry['second_call_s']}s")
             from torch._dynamo.utils import compile_times
 
