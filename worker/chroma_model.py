@@ -246,6 +246,26 @@ def packed_attention(
     )
 
 
+def packed_joint_attention(
+    q: Tensor, k: Tensor, v: Tensor, text_lengths: list, image_len
+) -> tuple[Tensor, Tensor]:
+    """``joint_attention`` over q/k/v already rotated and packed ``[text_0, image_0, text_1, ...]``
+    (1, H, rows, D) -> text (1, T, H*D) packed, image (segments, N, H*D)."""
+    txt_out, img_out, start = [], [], 0
+    for length in text_lengths:
+        end = start + length + image_len
+        out = attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], None, None)
+        txt_out.append(out[:, :length])
+        img_out.append(out[:, length:])
+        start = end
+    return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
+
+
+def use_kernels(kernels: bool, mask: Tensor | None, head_dim: int) -> bool:
+    """The Triton q/k/v kernels: asked for, no attention mask, a power-of-two head size."""
+    return kernels and mask is None and head_dim & (head_dim - 1) == 0
+
+
 def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
     """The segments' RoPE tables, one row per token of the packed stream: (rows, D/2, 2, 2)."""
     return torch.cat([pe.reshape(-1, *pe.shape[-3:]) for pe in pes])
@@ -291,23 +311,50 @@ class DoubleStreamBlock(nn.Module):
         img_mod: Tensor,
         txt_mod: Tensor,
         mask: Tensor | None,
+        kernels: bool = False,
     ) -> tuple[Tensor, Tensor]:
         # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod.split(1, dim=1)
         dim = img.shape[-1]
+        img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
+        txt_in = modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)
 
-        img_q, img_k, img_v = split_heads(
-            self.img_attn.qkv(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)),
-            self.num_heads,
-        )
-        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-        txt_q, txt_k, txt_v = split_heads(
-            self.txt_attn.qkv(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)),
-            self.num_heads,
-        )
-        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
-        txt_attn, img_attn = joint_attention((txt_q, txt_k, txt_v), (img_q, img_k, img_v), pes, mask)
+        if (
+            use_kernels(kernels, mask, dim // self.num_heads)
+            and txt.shape[0] == 1
+            and img.shape[0] == len(pes)
+        ):
+            # One kernel for both streams' bias, QK norm, RoPE and the joint layout (worker.kernels).
+            from worker.kernels import joint_qkv_heads, joint_rows  # imports Triton: only where it runs
+
+            image_len = img.shape[1]
+            lengths = [pe.shape[2] - image_len for pe in pes]
+            img_rows, txt_rows = joint_rows(lengths, image_len, img.device)
+            img_raw, img_bias = product(self.img_attn.qkv, img_in)
+            txt_raw, txt_bias = product(self.txt_attn.qkv, txt_in)
+            heads = joint_qkv_heads(
+                img_raw.reshape(-1, img_raw.shape[-1]),
+                img_bias,
+                self.img_attn.norm.query_norm.scale,
+                self.img_attn.norm.key_norm.scale,
+                img_rows,
+                txt_raw.reshape(-1, txt_raw.shape[-1]),
+                txt_bias,
+                self.txt_attn.norm.query_norm.scale,
+                self.txt_attn.norm.key_norm.scale,
+                txt_rows,
+                packed_rope(pes),
+                self.num_heads,
+            )
+            q, k, v = heads.unsqueeze(1).unbind(0)
+            txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
+        else:
+            img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_in), self.num_heads)
+            img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
+            txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(txt_in), self.num_heads)
+            txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
+            txt_attn, img_attn = joint_attention((txt_q, txt_k, txt_v), (img_q, img_k, img_v), pes, mask)
 
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2))
@@ -331,8 +378,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
-        head_dim = dim // self.num_heads
-        if kernels and mask is None and x.shape[0] == 1 and head_dim & (head_dim - 1) == 0:
+        if use_kernels(kernels, mask, dim // self.num_heads) and x.shape[0] == 1:
             # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
             from worker.kernels import qkv_heads  # imports Triton: only where the kernel runs
 
@@ -486,8 +532,8 @@ def image_tokens(x: Tensor, image_len: int, pes: tuple[Tensor, ...]) -> Tensor:
 # -- how blocks run ----------------------------------------------------------------------------
 
 
-def run_double(block, img, txt, pes, img_mod, txt_mod, mask):
-    return block(img, txt, pes, img_mod, txt_mod, mask)
+def run_double(block, img, txt, pes, img_mod, txt_mod, mask, kernels=False):
+    return block(img, txt, pes, img_mod, txt_mod, mask, kernels)
 
 
 def run_single(block, x, pes, mod, mask, kernels=False):
@@ -504,9 +550,9 @@ class Blocks:
     block of every fused variant goes through the same compiled code, its weights passed as
     inputs, so a new LoRA variant costs no recompile. Token counts are marked dynamic, so a new
     prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
-    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs the
-    single block's q/k/v preparation as one Triton kernel (``worker.kernels``); it needs Triton and
-    a device it runs on, and the engine asks for it only on CUDA.
+    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs each
+    block's q/k/v preparation as one Triton kernel (``worker.kernels``); it needs Triton and a
+    device it runs on.
     """
 
     def __init__(self, compile: bool = False, attention: str = "auto", kernels: bool = False):
@@ -529,7 +575,7 @@ class Blocks:
     def double(self, block, img, txt, pes, img_mod, txt_mod, mask):
         if self.compiled:
             _mark_tokens(img, txt, *pes)
-        return self._double(block, img, txt, pes, img_mod, txt_mod, mask)
+        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, self.kernels)
 
     def single(self, block, x, pes, mod, mask):
         if self.compiled:

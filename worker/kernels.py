@@ -1,16 +1,19 @@
-"""One Triton kernel for the single block's attention inputs: bias, QK RMSNorm, RoPE, head layout.
+"""One Triton kernel for the blocks' attention inputs: bias, QK RMSNorm, RoPE, head layout.
 
-Compiled, the single block's ``qkv`` goes through three passes per tensor: a reduction for the
-RMS, a pointwise pass normalising and rounding to bf16, and, per guidance segment, a pass applying
-RoPE and writing the layout attention reads. ``qkv_heads`` does it in one: each program reads a
-tile of rows for one head of q, k and v from the ``linear1`` product, adds the bias (rounded to the
-activation dtype, as the unfused add is), normalises q and k (float32 statistics, weight applied,
-rounded), rotates them with the packed RoPE table and writes q, k and v as (3, heads, rows, dim).
-The arithmetic is the plain path's, in its order; only where a float32 multiply-add is contracted
-can a last bit differ before the bf16 rounding.
+Compiled, each block's ``qkv`` goes through three passes per tensor: a reduction for the RMS, a
+pointwise pass normalising and rounding to bf16, and, per guidance segment, a pass applying RoPE
+and writing the layout attention reads (for the double block, also joining the text and image
+streams). Here one kernel does it: each program reads a tile of rows for one head of q, k and v
+from the projection's product, adds the bias (rounded to the activation dtype, as the unfused add
+is), normalises q and k (float32 statistics, weight applied, rounded), rotates them with the RoPE
+table and writes q, k and v as (3, heads, rows, dim). ``qkv_heads`` is the single block's (one
+stream, rows in place); ``joint_qkv_heads`` the double block's (two streams with their own
+weights, each row sent to its place in ``[text_0, image_0, text_1, image_1, ...]``). The
+arithmetic is the plain path's, in its order; only where a float32 multiply-add is contracted can
+a last bit differ before the bf16 rounding.
 
 It runs on CUDA (and in Triton's interpreter, for the CPU tests); ``available`` says whether Triton
-can be imported. ``torch.library.triton_op`` makes it an operator ``torch.compile`` keeps in the
+can be imported. ``torch.library.triton_op`` makes these operators ``torch.compile`` keeps in the
 graph, token counts dynamic.
 """
 
@@ -36,17 +39,20 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _qkv_heads_kernel(
+    def _heads_kernel(
         raw,  # (rows, >= 3 * heads * dim) product without bias, row stride `raw_stride`
         bias,  # (3 * heads * dim,) or unused
         q_scale,  # (dim,)
         k_scale,  # (dim,)
-        pe,  # (rows, dim // 2, 2, 2) float32
-        out,  # (3, heads, rows, dim)
+        dest,  # (rows,) int32: the output row of each input row, or unused (the same row)
+        pe,  # (out_rows, dim // 2, 2, 2) float32, by output row
+        out,  # (3, heads, out_rows, dim)
         rows,
+        out_rows,
         raw_stride,
         heads,
         HAS_BIAS: tl.constexpr,
+        HAS_DEST: tl.constexpr,
         DIM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -58,9 +64,13 @@ if triton is not None:
         half = tl.arange(0, HALF)
         mask = live[:, None]
         out_dtype = out.dtype.element_ty
+        if HAS_DEST:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
+            target_row = tl.load(dest + row, mask=live, other=0).to(tl.int64)
+        else:
+            target_row = row.to(tl.int64)
 
         # RoPE rotation for these rows: out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1]
-        table = pe + row[:, None].to(tl.int64) * (HALF * 4) + half[None, :] * 4
+        table = pe + target_row[:, None] * (HALF * 4) + half[None, :] * 4
         f00 = tl.load(table + 0, mask=mask, other=0.0)
         f01 = tl.load(table + 1, mask=mask, other=0.0)
         f10 = tl.load(table + 2, mask=mask, other=0.0)
@@ -83,32 +93,73 @@ if triton is not None:
                 y = (x * rms[:, None] * scale[None, :]).to(out_dtype).to(tl.float32)
                 even, odd = tl.split(tl.reshape(y, (BLOCK, HALF, 2)))
                 x = tl.reshape(tl.join(f00 * even + f01 * odd, f10 * even + f11 * odd), (BLOCK, DIM))
-            target = out + ((which * heads + head).to(tl.int64) * rows + row[:, None]) * DIM + col[None, :]
-            tl.store(target, x.to(out_dtype), mask=mask)
+            plane = (which * heads + head).to(tl.int64) * out_rows
+            tl.store(out + (plane + target_row[:, None]) * DIM + col[None, :], x.to(out_dtype), mask=mask)
+
+    def _launch(raw, bias, q_scale, k_scale, dest, pe, out, heads):
+        rows, out_rows, dim = raw.shape[0], out.shape[2], q_scale.shape[0]
+        torch.library.wrap_triton(_heads_kernel)[(triton.cdiv(rows, BLOCK_ROWS), heads)](
+            raw,
+            raw if bias is None else bias,
+            q_scale,
+            k_scale,
+            raw if dest is None else dest,
+            pe,
+            out,
+            rows,
+            out_rows,
+            raw.stride(0),
+            heads,
+            HAS_BIAS=bias is not None,
+            HAS_DEST=dest is not None,
+            DIM=dim,
+            BLOCK=BLOCK_ROWS,
+        )
 
     @torch.library.triton_op("chroma::qkv_heads", mutates_args={})
     def qkv_heads(
         raw: Tensor, bias: Tensor | None, q_scale: Tensor, k_scale: Tensor, pe: Tensor, heads: int
     ) -> Tensor:
         """(rows, >=3*H*D) product, bias, norm scales, (rows, D/2, 2, 2) RoPE -> (3, H, rows, D)."""
-        rows, dim = raw.shape[0], q_scale.shape[0]
-        out = raw.new_empty((3, heads, rows, dim))
-        grid = (triton.cdiv(rows, BLOCK_ROWS), heads)
-        torch.library.wrap_triton(_qkv_heads_kernel)[grid](
-            raw,
-            raw if bias is None else bias,
-            q_scale,
-            k_scale,
-            pe,
-            out,
-            rows,
-            raw.stride(0),
-            heads,
-            HAS_BIAS=bias is not None,
-            DIM=dim,
-            BLOCK=BLOCK_ROWS,
-        )
+        out = raw.new_empty((3, heads, raw.shape[0], q_scale.shape[0]))
+        _launch(raw, bias, q_scale, k_scale, None, pe, out, heads)
         return out
+
+    @torch.library.triton_op("chroma::joint_qkv_heads", mutates_args={})
+    def joint_qkv_heads(
+        img_raw: Tensor,
+        img_bias: Tensor | None,
+        img_q_scale: Tensor,
+        img_k_scale: Tensor,
+        img_dest: Tensor,
+        txt_raw: Tensor,
+        txt_bias: Tensor | None,
+        txt_q_scale: Tensor,
+        txt_k_scale: Tensor,
+        txt_dest: Tensor,
+        pe: Tensor,
+        heads: int,
+    ) -> Tensor:
+        """The double block's two streams, each with its own weights, into one packed layout.
+
+        Row i of a stream goes to output row ``dest[i]`` (``joint_rows``), rotated with that
+        row's RoPE: (3, H, rows of both, D), each guidance segment's text then image tokens."""
+        rows = img_raw.shape[0] + txt_raw.shape[0]
+        out = img_raw.new_empty((3, heads, rows, img_q_scale.shape[0]))
+        _launch(img_raw, img_bias, img_q_scale, img_k_scale, img_dest, pe, out, heads)
+        _launch(txt_raw, txt_bias, txt_q_scale, txt_k_scale, txt_dest, pe, out, heads)
+        return out
+
+
+def joint_rows(text_lengths: list, image_len, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Output rows of the image stream (segment after segment) and of the packed text stream,
+    for the layout ``[text_0, image_0, text_1, image_1, ...]``."""
+    img, txt, offset = [], [], 0
+    for length in text_lengths:
+        txt.append(torch.arange(length, device=device, dtype=torch.int32) + offset)
+        img.append(torch.arange(image_len, device=device, dtype=torch.int32) + (offset + length))
+        offset = offset + length + image_len
+    return torch.cat(img), torch.cat(txt)
 
 
 def reference(

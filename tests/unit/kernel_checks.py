@@ -36,6 +36,45 @@ def kernel_inputs(dtype: torch.dtype, heads: int = 4, dim: int = 32, seed: int =
     return raw, bias, q_scale, k_scale, pe, heads
 
 
+def joint_inputs(dtype: torch.dtype, heads: int = 4, dim: int = 32, seed: int = 1):
+    """A double block's two streams: 2 segments of 20 image rows, texts of 15 and 5 rows."""
+    from worker.kernels import joint_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = sampling.image_ids(80, 64, torch.float32, torch.device("cpu"))
+    lengths, image_len = [15, 5], 20
+    pe = torch.cat(
+        [sampling.rope_for(n, ids, default_axes(dim)).reshape(-1, dim // 2, 2, 2) for n in lengths]
+    )
+    img_rows, txt_rows = joint_rows(lengths, image_len, torch.device("cpu"))
+    width = 3 * heads * dim
+
+    def stream(rows: int):
+        raw = torch.randn(rows, width, generator=gen).to(dtype)
+        bias = torch.randn(width, generator=gen).to(dtype)
+        return (
+            raw,
+            bias,
+            (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype),
+            torch.rand(dim, generator=gen).to(dtype),
+        )
+
+    return (*stream(2 * image_len), img_rows, *stream(sum(lengths)), txt_rows, pe, heads)
+
+
+def joint_reference(*args) -> torch.Tensor:
+    """Each stream through ``kernels.reference`` with its rows' RoPE, placed at its output rows."""
+    from worker.kernels import reference
+
+    *img, img_rows = args[:5]
+    *txt, txt_rows = args[5:10]
+    pe, heads = args[10:]
+    out = torch.empty(3, heads, pe.shape[0], img[2].shape[0], dtype=img[0].dtype, device=pe.device)
+    for (raw, bias, q_scale, k_scale), rows in ((img, img_rows), (txt, txt_rows)):
+        out[:, :, rows.long()] = reference(raw, bias, q_scale, k_scale, pe[rows.long()], heads)
+    return out
+
+
 @torch.inference_mode()
 def main() -> dict:
     from worker import kernels
@@ -57,7 +96,32 @@ def main() -> dict:
         shifted = (*args[:4], args[4].roll(1, 0), args[5])
         out[f"shifted_rope_vs_reference_{name}"] = rel(kernels.qkv_heads(*shifted), kernels.reference(*args))
 
-    # The whole model: the single blocks with the kernel against the plain blocks, two segments.
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        args = joint_inputs(dtype)
+        got = kernels.joint_qkv_heads(*args)
+        out[f"joint_shape_{name}"] = list(got.shape)
+        out[f"joint_vs_reference_{name}"] = rel(got, joint_reference(*args))
+        # The comparison can fail: the streams' norm scales exchanged, image rows one place off.
+        exchanged = (*args[:2], args[7], args[8], args[4], *args[5:7], args[2], args[3], *args[9:])
+        out[f"joint_exchanged_scales_vs_reference_{name}"] = rel(
+            kernels.joint_qkv_heads(*exchanged), joint_reference(*args)
+        )
+        shifted = (*args[:4], args[4].roll(1), *args[5:])
+        out[f"joint_shifted_rows_vs_reference_{name}"] = rel(
+            kernels.joint_qkv_heads(*shifted), joint_reference(*args)
+        )
+
+    # The whole model: blocks with the kernels against the plain blocks, two segments.
+    calls = {"qkv_heads": 0, "joint_qkv_heads": 0}
+    for op in calls:
+        real = getattr(kernels, op)
+
+        def counted(*a, _real=real, _op=op):
+            calls[_op] += 1
+            return _real(*a)
+
+        setattr(kernels, op, counted)
     torch.manual_seed(0)
     model = ChromaTransformer(TINY).eval()
     for p in model.parameters():
@@ -71,6 +135,7 @@ def main() -> dict:
     plain = model.forward_batch(img, txts, pes, t, g, blocks=Blocks())
     fused = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True))
     out["model_kernels_vs_plain_float32"] = rel(fused, plain)
+    out["kernel_calls_per_forward"] = dict(calls)
     one = model(img, txts[0], pes[0], t, g, blocks=Blocks(kernels=True))
     out["model_one_segment_kernels_vs_plain_float32"] = rel(one, model(img, txts[0], pes[0], t, g))
     return out

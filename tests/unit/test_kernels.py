@@ -1,4 +1,4 @@
-"""The single block's q/k/v kernel (``worker.kernels``) computes what the plain blocks compute.
+"""The blocks' q/k/v kernels (``worker.kernels``) compute what the plain blocks compute.
 
 On the CPU it runs in Triton's interpreter, in its own process (``kernel_checks.py``): float32
 exactly as the torch reference (to the last float32 rounding), the tiny model's output with the
@@ -55,7 +55,18 @@ def test_wrong_inputs_are_seen(checks, dtype):
     assert checks[f"shifted_rope_vs_reference_{dtype}"] > 0.05
 
 
-def test_model_with_the_kernel_equals_the_plain_blocks(checks):
+def test_joint_kernel_matches_the_reference(checks):
+    """The double block's: two streams with their own weights, rows placed per segment."""
+    assert checks["joint_shape_float32"] == [3, 4, 60, 32]  # 2 x (text + 20 image rows), 15 + 5 text
+    assert checks["joint_vs_reference_float32"] < 1e-6
+    assert checks["joint_vs_reference_bfloat16"] < 1e-2
+    for dtype in ("float32", "bfloat16"):
+        assert checks[f"joint_exchanged_scales_vs_reference_{dtype}"] > 0.05
+        assert checks[f"joint_shifted_rows_vs_reference_{dtype}"] > 0.05
+
+
+def test_model_with_the_kernels_equals_the_plain_blocks(checks):
+    assert checks["kernel_calls_per_forward"] == {"qkv_heads": 2, "joint_qkv_heads": 2}  # every block
     assert checks["model_kernels_vs_plain_float32"] < 1e-6  # two guidance segments
     assert checks["model_one_segment_kernels_vs_plain_float32"] < 1e-6
 
@@ -63,7 +74,7 @@ def test_model_with_the_kernel_equals_the_plain_blocks(checks):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA")
 @torch.inference_mode()
 def test_kernel_on_cuda_rounds_as_the_reference():
-    from tests.unit.kernel_checks import kernel_inputs, rel
+    from tests.unit.kernel_checks import joint_inputs, joint_reference, kernel_inputs, rel
     from worker import kernels
 
     args = [
@@ -73,3 +84,7 @@ def test_kernel_on_cuda_rounds_as_the_reference():
     got, want = kernels.qkv_heads(*args), kernels.reference(*args)
     assert rel(got, want) < 2e-3
     assert (got != want).float().mean() < 0.02  # a last-bit difference where a multiply-add contracts
+    joint = [a.cuda() if isinstance(a, torch.Tensor) else a for a in joint_inputs(torch.bfloat16, 24, 128)]
+    got, want = kernels.joint_qkv_heads(*joint), joint_reference(*joint)
+    assert rel(got, want) < 2e-3
+    assert (got != want).float().mean() < 0.02
