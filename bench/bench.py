@@ -304,6 +304,7 @@ def main() -> int:
         help="seconds from start: a section expected to end later is skipped (0: no deadline)",
     )
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (memory and variant checks)")
+    ap.add_argument("--kernels", action="store_true", help="the Triton q/k/v kernels (worker.kernels)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     _, _, _, size, steps = SCALES[args.scale]
@@ -355,7 +356,11 @@ def main() -> int:
         attention = "auto"
     res["attention"] = attention
     config = EngineConfig(
-        sources, quantization=args.quantization, compile=not args.no_compile, attention=attention
+        sources,
+        quantization=args.quantization,
+        compile=not args.no_compile,
+        attention=attention,
+        kernels=args.kernels,
     )
     other = "float8-fast" if args.quantization == "float8" else "float8"
     engine = Engine(config)
@@ -390,7 +395,7 @@ def main() -> int:
             res["attention_fallback"] = repr(exc)[:500]
             torch._dynamo.reset()
             engine.recipe = dataclasses.replace(engine.recipe, attention="auto")
-            engine.blocks = Blocks(compile=engine.recipe.compile, attention="auto")
+            engine.blocks = Blocks(engine.recipe.compile, "auto", engine.recipe.kernels)
             seconds, warm = clock.time(
                 lambda: engine.warmup([(size, size)], steps=1, guidances=warm_guidance)
             )

@@ -9,7 +9,8 @@ Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch 
 ``batch_cfg`` (both guidance branches in one pass, see ``ChromaTransformer.forward_batch``),
 ``compile`` (blocks compiled once per worker, shared by every variant, dynamic token counts),
 ``attention`` (the fused attention kernel), ``working_copy`` (the variant being rendered keeps
-its float8 weight-only weights dequantized, see ``worker.variants.working_copy``). None of them
+its float8 weight-only weights dequantized, see ``worker.variants.working_copy``), ``kernels``
+(each block's q/k/v preparation as one Triton kernel, ``worker.kernels``). None of them
 changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
 (opt-in, lossy) adds float8 activations.
 
@@ -33,7 +34,7 @@ from PIL import Image
 
 from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
 from tasks.schemas import SIZE_MULTIPLE, ResolvedPrompt
-from worker import sampling
+from worker import kernels, sampling
 from worker.checkpoint import load_transformer
 from worker.chroma_model import Blocks
 from worker.components import (
@@ -80,6 +81,7 @@ class EngineConfig:
     batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
     attention: str = "cudnn"  # SDPA kernel on CUDA: cudnn | flash | efficient | math | auto (PyTorch's)
     working_copy: str = "auto"  # "on" | "off" | "auto" (on with CUDA): active variant dequantized once
+    kernels: bool = False  # Triton q/k/v kernels on CUDA (worker.kernels); off until measured on a GPU
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
@@ -108,6 +110,7 @@ class Recipe:
     compile: bool
     attention: str
     working_copy: bool = False
+    kernels: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,10 @@ class Engine:
             raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
         if config.working_copy not in ("auto", "on", "off"):
             raise ValueError(f"working_copy {config.working_copy!r}; choose auto, on or off")
+        if config.kernels and not kernels.available():
+            raise ValueError(
+                "kernels=True needs Triton (it comes with CUDA builds of torch); set kernels=False"
+            )
         # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
         # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
         padding = config.text_padding
@@ -166,8 +173,9 @@ class Engine:
             # An unquantized model has nothing to dequantize.
             working_copy=config.quantization in FLOAT8
             and (config.working_copy == "on" or (config.working_copy == "auto" and cuda)),
+            kernels=config.kernels and cuda,
         )
-        self.blocks = Blocks(compile=False, attention=self.recipe.attention)  # compiled in load()
+        self.blocks = Blocks(compile=False, attention=self.recipe.attention, kernels=self.recipe.kernels)
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
         self.load_seconds: dict[str, float] = {}
@@ -204,7 +212,7 @@ class Engine:
         t3 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
-        self.blocks = Blocks(compile=self.recipe.compile, attention=self.recipe.attention)
+        self.blocks = Blocks(self.recipe.compile, self.recipe.attention, self.recipe.kernels)
         self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
         self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
         self.loaded = True
@@ -419,7 +427,7 @@ class Engine:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
         if recipe == self.recipe:
             return self.blocks
-        return Blocks(compile=recipe.compile, attention=recipe.attention)
+        return Blocks(recipe.compile, recipe.attention, recipe.kernels)
 
     def warmup(
         self, sizes: list[tuple[int, int]], steps: int = 2, guidances: tuple[float, ...] = (4.0, 1.0)
