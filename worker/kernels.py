@@ -38,7 +38,7 @@ def available() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "out_rows"])  # token counts vary: one compiled kernel
     def _heads_kernel(
         raw,  # (rows, >= 3 * heads * dim) product without bias, row stride `raw_stride`
         bias,  # (3 * heads * dim,) or unused
