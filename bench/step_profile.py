@@ -66,7 +66,7 @@ def random_base(cfg: ChromaConfig, device: torch.device) -> BaseWeights:
 
 def category(name: str) -> str:
     low = name.lower()
-    if low.startswith(("triton", "_qkv_heads")):  # before "attention": fused names can contain it
+    if low.startswith(("triton", "_heads_kernel")):  # before "attention": fused names can contain it
         return "triton"
     if any(k in low for k in ("fmha", "flash", "attention", "cudnn", "sdpa")):
         return "attention"
