@@ -272,13 +272,11 @@ def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
 
 
 def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``layer(x)`` as (matmul, bias still to add) for an ordinary weight, (output, None) otherwise.
-
-    A working-copy layer adds its bias after the matmul anyway (``DequantizedLinear``); a quantized
-    tensor subclass runs its own matmul and bias."""
-    weight = layer.weight
-    if type(weight) in (Tensor, nn.Parameter):
-        return torch.matmul(x.to(weight.dtype), weight.t()), layer.bias
+    """``layer(x)`` as (product, bias still to add): the bias is left to the caller only where the
+    layer itself adds it after a bias-free matmul (``bias_after_matmul``: the working copy's
+    ``DequantizedLinear``), so the arithmetic stays the layer's; otherwise (output, None)."""
+    if getattr(layer, "bias_after_matmul", False) and layer.bias is not None:
+        return torch.matmul(x.to(layer.weight.dtype), layer.weight.t()), layer.bias
     return layer(x), None
 
 

@@ -4,13 +4,15 @@ Compiled, each block's ``qkv`` goes through three passes per tensor: a reduction
 pointwise pass normalising and rounding to bf16, and, per guidance segment, a pass applying RoPE
 and writing the layout attention reads (for the double block, also joining the text and image
 streams). Here one kernel does it: each program reads a tile of rows for one head of q, k and v
-from the projection's product, adds the bias (rounded to the activation dtype, as the unfused add
-is), normalises q and k (float32 statistics, weight applied, rounded), rotates them with the RoPE
-table and writes q, k and v as (3, heads, rows, dim). ``qkv_heads`` is the single block's (one
-stream, rows in place); ``joint_qkv_heads`` the double block's (two streams with their own
-weights, each row sent to its place in ``[text_0, image_0, text_1, image_1, ...]``). The
-arithmetic is the plain path's, in its order; only where a float32 multiply-add is contracted can
-a last bit differ before the bf16 rounding.
+from the projection's product, adds the bias where the layer adds it after its matmul (rounded to
+the activation dtype, as ``DequantizedLinear`` does), normalises q and k (float32 statistics,
+weight applied, rounded), rotates them with the RoPE table and writes q, k and v as
+(3, heads, rows, dim). ``qkv_heads`` is the single block's (one stream, rows in place);
+``joint_qkv_heads`` the double block's (two streams with their own weights, each row sent to its
+place in ``[text_0, image_0, text_1, image_1, ...]``). The arithmetic is the plain path's, in its
+order; only where a float32 multiply-add is contracted can a last bit differ before the bf16
+rounding. A layer that adds its bias inside the matmul (an unquantized ``nn.Linear``) keeps doing
+so, and the kernel gets no bias.
 
 It runs on CUDA (and in Triton's interpreter, for the CPU tests); ``available`` says whether Triton
 can be imported. ``torch.library.triton_op`` makes these operators ``torch.compile`` keeps in the
@@ -55,6 +57,7 @@ if triton is not None:
         HAS_DEST: tl.constexpr,
         DIM: tl.constexpr,
         BLOCK: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         HALF: tl.constexpr = DIM // 2
         block, head = tl.program_id(0), tl.program_id(1)
@@ -114,6 +117,7 @@ if triton is not None:
             HAS_DEST=dest is not None,
             DIM=dim,
             BLOCK=BLOCK_ROWS,
+            EPS=EPS,
         )
 
     @torch.library.triton_op("chroma::qkv_heads", mutates_args={})
@@ -169,7 +173,7 @@ def reference(
     dim = q_scale.shape[0]
     x = raw[:, : 3 * heads * dim]
     if bias is not None:
-        x = x + bias
+        x = x + bias[: 3 * heads * dim]
     q, k, v = x.view(-1, 3, heads, dim).permute(1, 2, 0, 3)  # (H, rows, D) each
     out = [v]
     for t, scale in ((q, q_scale), (k, k_scale)):

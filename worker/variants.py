@@ -109,6 +109,8 @@ class DequantizedLinear(torch.nn.Linear):
     roundings), not ``F.linear``'s fused bias; this keeps that order so the output is the same.
     """
 
+    bias_after_matmul = True  # worker.chroma_model.product leaves the bias to a fused consumer
+
     def forward(self, x: Tensor) -> Tensor:
         out = torch.matmul(x, self.weight.t())
         return out if self.bias is None else out + self.bias

@@ -14,6 +14,7 @@ import torch
 from worker import sampling
 from worker.chroma_model import Blocks, ChromaTransformer, default_axes
 from worker.tiny import TINY
+from worker.variants import BaseWeights, working_copy
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,6 +76,24 @@ def joint_reference(*args) -> torch.Tensor:
     return out
 
 
+def model_inputs(device: torch.device, dtype: torch.dtype):
+    """The tiny model's float8 working copy (random weights) and ``forward_batch`` inputs for two
+    guidance segments (texts of 9 and 2 tokens, 80x64 pixels)."""
+    torch.manual_seed(0)
+    model = ChromaTransformer(TINY).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    base = BaseWeights(TINY, model.state_dict(), dtype, pin=False)
+    copy = working_copy(base.build([], "float8", device))
+    gen = torch.Generator().manual_seed(1)
+    ids = sampling.image_ids(80, 64, torch.float32, device)
+    img = torch.randn(1, ids.shape[1], TINY.in_channels, generator=gen).to(device, dtype)
+    txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen).to(device, dtype) for n in (9, 2))
+    pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in (9, 2))
+    timestep = torch.tensor([0.4], device=device, dtype=dtype)
+    return copy, (img, txts, pes, timestep, torch.zeros(1, device=device))
+
+
 @torch.inference_mode()
 def main() -> dict:
     from worker import kernels
@@ -114,11 +133,13 @@ def main() -> dict:
 
     # The whole model: blocks with the kernels against the plain blocks, two segments.
     calls = {"qkv_heads": 0, "joint_qkv_heads": 0}
+    bias_seen: list[bool] = []
     for op in calls:
         real = getattr(kernels, op)
 
         def counted(*a, _real=real, _op=op):
             calls[_op] += 1
+            bias_seen.append(a[1] is not None)
             return _real(*a)
 
         setattr(kernels, op, counted)
@@ -132,12 +153,24 @@ def main() -> dict:
     txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen) for n in (9, 2))
     pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in (9, 2))
     t, g = torch.tensor([0.4]), torch.zeros(1)
+    cpu = torch.device("cpu")
     plain = model.forward_batch(img, txts, pes, t, g, blocks=Blocks())
     fused = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True))
     out["model_kernels_vs_plain_float32"] = rel(fused, plain)
     out["kernel_calls_per_forward"] = dict(calls)
     one = model(img, txts[0], pes[0], t, g, blocks=Blocks(kernels=True))
     out["model_one_segment_kernels_vs_plain_float32"] = rel(one, model(img, txts[0], pes[0], t, g))
+    out["kernel_calls_after_one_segment"] = dict(calls)
+
+    # The working copy (float8 weight-only, dequantized once): its layers add the bias after the
+    # matmul, so the kernels add it; the same numbers as the plain blocks on the same copy.
+    copy, args = model_inputs(cpu, torch.float32)
+    plain = copy.forward_batch(*args, blocks=Blocks())
+    bias_seen.clear()
+    out["working_copy_kernels_vs_plain_float32"] = rel(
+        copy.forward_batch(*args, blocks=Blocks(kernels=True)), plain
+    )
+    out["working_copy_bias_in_kernel"] = bias_seen
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.kernel_checks import rel
+
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +70,85 @@ def test_joint_kernel_matches_the_reference(checks):
 def test_model_with_the_kernels_equals_the_plain_blocks(checks):
     assert checks["kernel_calls_per_forward"] == {"qkv_heads": 2, "joint_qkv_heads": 2}  # every block
     assert checks["model_kernels_vs_plain_float32"] < 1e-6  # two guidance segments
+    assert checks["kernel_calls_after_one_segment"] == {"qkv_heads": 4, "joint_qkv_heads": 4}
     assert checks["model_one_segment_kernels_vs_plain_float32"] < 1e-6
+
+
+def test_working_copy_hands_its_bias_to_the_kernels(checks):
+    """``DequantizedLinear`` adds the bias after the matmul, so the kernel adds it, same numbers."""
+    assert checks["working_copy_bias_in_kernel"] == [True] * 4
+    assert checks["working_copy_kernels_vs_plain_float32"] < 1e-6
+
+
+def test_joint_rows_place_each_segment_text_then_image():
+    from worker.kernels import joint_rows
+
+    img, txt = joint_rows([3, 1], 2, torch.device("cpu"))
+    assert img.tolist() == [3, 4, 6, 7]  # [t0 t0 t0 i0 i0 | t1 i1 i1]
+    assert txt.tolist() == [0, 1, 2, 5]
+
+
+@pytest.mark.parametrize("bias, dest", [(True, False), (True, True), (False, False), (False, True)])
+def test_kernel_compiles_for_hopper(bias, dest):
+    """The real compiler (not the interpreter) accepts the kernel: sm_90 PTX, no local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker.kernels import _heads_kernel
+
+    pointers = {"raw": "*bf16", "bias": "*bf16", "q_scale": "*bf16", "k_scale": "*bf16"}
+    signature = {
+        **pointers,
+        "dest": "*i32" if dest else "*bf16",
+        "pe": "*fp32",
+        "out": "*bf16",
+        **dict.fromkeys(("rows", "out_rows", "raw_stride", "heads"), "i32"),
+        **dict.fromkeys(("HAS_BIAS", "HAS_DEST", "DIM", "BLOCK", "EPS"), "constexpr"),
+    }
+    constants = {"HAS_BIAS": bias, "HAS_DEST": dest, "DIM": 128, "BLOCK": 32, "EPS": 1e-6}
+    compiled = triton.compile(
+        ASTSource(_heads_kernel, signature, constants), target=GPUTarget("cuda", 90, 32)
+    )
+    ptx = compiled.asm["ptx"]
+    assert "st.global" in ptx and "ld.local" not in ptx
+
+
+def test_compiled_blocks_keep_the_kernels_in_one_graph(monkeypatch):
+    """Traced by torch.compile (the ops' CPU stand-ins are the torch references): no graph break,
+    and new prompt lengths and sizes reuse the graphs."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+    from torch._dynamo.utils import counters
+
+    from tests.unit.kernel_checks import joint_reference
+    from worker import chroma_model, kernels, sampling
+    from worker.tiny import TINY
+
+    kernels.qkv_heads.register_kernel("cpu")(lambda *a: kernels.reference(*a).contiguous())
+    kernels.joint_qkv_heads.register_kernel("cpu")(lambda *a: joint_reference(*a))
+    monkeypatch.setattr(fx_config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    counters.clear()
+    blocks = chroma_model.Blocks(kernels=True)
+    blocks.compiled = True
+    blocks._double = torch.compile(chroma_model.run_double, backend="eager")
+    blocks._single = torch.compile(chroma_model.run_single, backend="eager")
+    torch.manual_seed(0)
+    model = chroma_model.ChromaTransformer(TINY).eval()
+    graphs = []
+    with torch.inference_mode():
+        for (height, width), lengths in [((80, 64), (9, 2)), ((80, 64), (7, 3)), ((96, 64), (12, 5))]:
+            ids = sampling.image_ids(height, width, torch.float32, torch.device("cpu"))
+            img = torch.randn(1, ids.shape[1], TINY.in_channels)
+            txts = tuple(torch.randn(1, n, TINY.context_dim) for n in lengths)
+            pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in lengths)
+            args = (img, txts, pes, torch.tensor([0.4]), torch.zeros(1))
+            got = model.forward_batch(*args, blocks=blocks)
+            assert rel(got, model.forward_batch(*args)) < 1e-5
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs == [2, 2, 2], f"unique graphs after each shape: {graphs}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA")
@@ -88,3 +168,17 @@ def test_kernel_on_cuda_rounds_as_the_reference():
     got, want = kernels.joint_qkv_heads(*joint), joint_reference(*joint)
     assert rel(got, want) < 2e-3
     assert (got != want).float().mean() < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA")
+@torch.inference_mode()
+def test_compiled_working_copy_with_the_kernels_on_cuda():
+    """bf16, compiled, the working copy: the kernels against the plain blocks, at bf16 noise."""
+    from tests.unit.kernel_checks import model_inputs
+    from worker.chroma_model import Blocks
+
+    copy, args = model_inputs(torch.device("cuda"), torch.bfloat16)
+    plain = copy.forward_batch(*args, blocks=Blocks(compile=True))
+    torch._dynamo.reset()
+    fused = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
+    assert rel(fused, plain) < 2e-2
