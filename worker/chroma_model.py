@@ -383,7 +383,7 @@ class SingleStreamBlock(nn.Module):
             raw, bias = product(self.linear1, x_mod)
             rows = raw.shape[1]
             heads = qkv_heads(
-                raw.view(rows, -1),
+                raw.reshape(rows, -1),
                 bias,
                 self.norm.query_norm.scale,
                 self.norm.key_norm.scale,
