@@ -67,7 +67,6 @@ def image_entry(p: ResolvedPrompt, key: str, uri: str, data: bytes, content_type
     }
 
 
-@functools.cache
 def lora_entry(spec, uri: str, etag: str | None, sha256: str) -> dict[str, Any]:
     """result.json's record of one requested LoRA (``layers_merged`` is filled in by ``settle``)."""
     return {
@@ -80,6 +79,7 @@ def lora_entry(spec, uri: str, etag: str | None, sha256: str) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def versions() -> dict[str, str | None]:
     """Package, torch, CUDA and GPU versions; fixed for the life of the process."""
 
