@@ -67,7 +67,7 @@ import torch  # noqa: E402
 
 from tasks.schemas import ResolvedPrompt  # noqa: E402
 from worker import sampling  # noqa: E402
-from worker.chroma_model import Blocks, ChromaConfig, ChromaTransformer  # noqa: E402
+from worker.chroma_model import ChromaConfig, ChromaTransformer  # noqa: E402
 from worker.components import Sources  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
 from worker.tiny import FLUX_VAE, T5_V1_1, TINY, write_lora, write_tokenizer  # noqa: E402
@@ -395,7 +395,7 @@ def main() -> int:
             res["attention_fallback"] = repr(exc)[:500]
             torch._dynamo.reset()
             engine.recipe = dataclasses.replace(engine.recipe, attention="auto")
-            engine.blocks = Blocks(engine.recipe.compile, "auto", engine.recipe.kernels)
+            engine.blocks = engine.recipe.blocks()
             seconds, warm = clock.time(
                 lambda: engine.warmup([(size, size)], steps=1, guidances=warm_guidance)
             )

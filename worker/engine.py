@@ -34,7 +34,7 @@ from PIL import Image
 
 from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
 from tasks.schemas import SIZE_MULTIPLE, ResolvedPrompt
-from worker import kernels, sampling
+from worker import sampling
 from worker.checkpoint import load_transformer
 from worker.chroma_model import Blocks
 from worker.components import (
@@ -112,6 +112,10 @@ class Recipe:
     working_copy: bool = False
     kernels: bool = False
 
+    def blocks(self) -> Blocks:
+        """A block runner for this recipe (compiled graphs are traced on its first use)."""
+        return Blocks(self.compile, self.attention, self.kernels)
+
 
 @dataclass(frozen=True)
 class LoraInput:
@@ -156,7 +160,7 @@ class Engine:
             raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
         if config.working_copy not in ("auto", "on", "off"):
             raise ValueError(f"working_copy {config.working_copy!r}; choose auto, on or off")
-        if config.kernels and not kernels.available():
+        if config.kernels and not _triton_available():
             raise ValueError(
                 "kernels=True needs Triton (it comes with CUDA builds of torch); set kernels=False"
             )
@@ -175,7 +179,7 @@ class Engine:
             and (config.working_copy == "on" or (config.working_copy == "auto" and cuda)),
             kernels=config.kernels and cuda,
         )
-        self.blocks = Blocks(compile=False, attention=self.recipe.attention, kernels=self.recipe.kernels)
+        self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
         self.load_seconds: dict[str, float] = {}
@@ -212,7 +216,7 @@ class Engine:
         t3 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
-        self.blocks = Blocks(self.recipe.compile, self.recipe.attention, self.recipe.kernels)
+        self.blocks = self.recipe.blocks()
         self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
         self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
         self.loaded = True
@@ -427,7 +431,7 @@ class Engine:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
         if recipe == self.recipe:
             return self.blocks
-        return Blocks(recipe.compile, recipe.attention, recipe.kernels)
+        return recipe.blocks()
 
     def warmup(
         self, sizes: list[tuple[int, int]], steps: int = 2, guidances: tuple[float, ...] = (4.0, 1.0)
@@ -553,6 +557,12 @@ def probe_device() -> bool:
         return value == 2.0
     except RuntimeError:
         return False
+
+
+def _triton_available() -> bool:
+    from worker import kernels  # imports Triton: only when the kernels are asked for
+
+    return kernels.available()
 
 
 def _has_float8_matmul(device: torch.device) -> bool:
