@@ -261,9 +261,14 @@ def packed_joint_attention(
     return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
 
 
-def use_kernels(kernels: bool, mask: Tensor | None, head_dim: int) -> bool:
-    """The Triton q/k/v kernels: asked for, no attention mask, a power-of-two head size."""
-    return kernels and mask is None and head_dim & (head_dim - 1) == 0
+# What the q/k/v kernels read besides each block's weights, made once per forward (``Blocks.tables``):
+# the packed RoPE table, and the output rows of the double block's image and text streams.
+KernelTables = tuple[Tensor, Tensor, Tensor]
+
+
+def use_kernels(tables: KernelTables | None, head_dim: int) -> bool:
+    """The Triton q/k/v kernels: asked for (no attention mask), a power-of-two head size."""
+    return tables is not None and head_dim & (head_dim - 1) == 0
 
 
 def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
@@ -309,7 +314,7 @@ class DoubleStreamBlock(nn.Module):
         img_mod: Tensor,
         txt_mod: Tensor,
         mask: Tensor | None,
-        kernels: bool = False,
+        tables: KernelTables | None = None,
     ) -> tuple[Tensor, Tensor]:
         # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
@@ -318,17 +323,13 @@ class DoubleStreamBlock(nn.Module):
         img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
         txt_in = modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)
 
-        if (
-            use_kernels(kernels, mask, dim // self.num_heads)
-            and txt.shape[0] == 1
-            and img.shape[0] == len(pes)
-        ):
+        if use_kernels(tables, dim // self.num_heads) and txt.shape[0] == 1 and img.shape[0] == len(pes):
             # One kernel for both streams' bias, QK norm, RoPE and the joint layout (worker.kernels).
-            from worker.kernels import joint_qkv_heads, joint_rows  # imports Triton: only where it runs
+            from worker.kernels import joint_qkv_heads  # imports Triton: only where it runs
 
+            rope, img_rows, txt_rows = tables
             image_len = img.shape[1]
             lengths = [pe.shape[2] - image_len for pe in pes]
-            img_rows, txt_rows = joint_rows(lengths, image_len, img.device)
             img_raw, img_bias = product(self.img_attn.qkv, img_in)
             txt_raw, txt_bias = product(self.txt_attn.qkv, txt_in)
             heads = joint_qkv_heads(
@@ -342,7 +343,7 @@ class DoubleStreamBlock(nn.Module):
                 self.txt_attn.norm.query_norm.scale,
                 self.txt_attn.norm.key_norm.scale,
                 txt_rows,
-                packed_rope(pes),
+                rope,
                 self.num_heads,
             )
             q, k, v = heads.unsqueeze(1).unbind(0)
@@ -371,12 +372,17 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
 
     def forward(
-        self, x: Tensor, pes: tuple[Tensor, ...], mod: Tensor, mask: Tensor | None, kernels: bool = False
+        self,
+        x: Tensor,
+        pes: tuple[Tensor, ...],
+        mod: Tensor,
+        mask: Tensor | None,
+        tables: KernelTables | None = None,
     ) -> Tensor:
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
-        if use_kernels(kernels, mask, dim // self.num_heads) and x.shape[0] == 1:
+        if use_kernels(tables, dim // self.num_heads) and x.shape[0] == 1:
             # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
             from worker.kernels import qkv_heads  # imports Triton: only where the kernel runs
 
@@ -387,7 +393,7 @@ class SingleStreamBlock(nn.Module):
                 bias,
                 self.norm.query_norm.scale,
                 self.norm.key_norm.scale,
-                packed_rope(pes),
+                tables[0],
                 self.num_heads,
             )
             q, k, v = heads.unsqueeze(1).unbind(0)
@@ -492,14 +498,14 @@ class ChromaTransformer(nn.Module):
         img_mods = mods[:, single_end : single_end + 6 * cfg.depth]
         txt_mods = mods[:, single_end + 6 * cfg.depth : single_end + 12 * cfg.depth]
 
+        tables = blocks.tables(pes, img.shape[1], mask)
         with blocks.context():
             for i, block in enumerate(self.double_blocks):
-                img, txt = blocks.double(
-                    block, img, txt, pes, img_mods[:, 6 * i : 6 * i + 6], txt_mods[:, 6 * i : 6 * i + 6], mask
-                )
+                img_mod, txt_mod = img_mods[:, 6 * i : 6 * i + 6], txt_mods[:, 6 * i : 6 * i + 6]
+                img, txt = blocks.double(block, img, txt, pes, img_mod, txt_mod, mask, tables)
             x = join_streams(txt, img, pes)
             for i, block in enumerate(self.single_blocks):
-                x = blocks.single(block, x, pes, mods[:, 3 * i : 3 * i + 3], mask)
+                x = blocks.single(block, x, pes, mods[:, 3 * i : 3 * i + 3], mask, tables)
         return self.final_layer(image_tokens(x, img.shape[1], pes), mods[:, -2:])
 
 
@@ -530,12 +536,12 @@ def image_tokens(x: Tensor, image_len: int, pes: tuple[Tensor, ...]) -> Tensor:
 # -- how blocks run ----------------------------------------------------------------------------
 
 
-def run_double(block, img, txt, pes, img_mod, txt_mod, mask, kernels=False):
-    return block(img, txt, pes, img_mod, txt_mod, mask, kernels)
+def run_double(block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
+    return block(img, txt, pes, img_mod, txt_mod, mask, tables)
 
 
-def run_single(block, x, pes, mod, mask, kernels=False):
-    return block(x, pes, mod, mask, kernels)
+def run_single(block, x, pes, mod, mask, tables=None):
+    return block(x, pes, mod, mask, tables)
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -549,8 +555,8 @@ class Blocks:
     inputs, so a new LoRA variant costs no recompile. Token counts are marked dynamic, so a new
     prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
     kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs each
-    block's q/k/v preparation as one Triton kernel (``worker.kernels``); it needs Triton and a
-    device it runs on.
+    block's q/k/v preparation as one Triton kernel (``worker.kernels``), with the tables it reads
+    made once per forward (``tables``); it needs Triton and a device it runs on.
     """
 
     def __init__(self, compile: bool = False, attention: str = "auto", kernels: bool = False):
@@ -570,15 +576,24 @@ class Blocks:
         else:
             self._double, self._single = run_double, run_single
 
-    def double(self, block, img, txt, pes, img_mod, txt_mod, mask):
-        if self.compiled:
-            _mark_tokens(img, txt, *pes)
-        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, self.kernels)
+    def tables(self, pes: tuple[Tensor, ...], image_len, mask: Tensor | None) -> KernelTables | None:
+        """What the kernels need besides the weights, once per forward rather than per block."""
+        if not self.kernels or mask is not None:
+            return None
+        from worker.kernels import joint_rows  # imports Triton: only where the kernels run
 
-    def single(self, block, x, pes, mod, mask):
+        lengths = [pe.shape[2] - image_len for pe in pes]
+        return (packed_rope(pes), *joint_rows(lengths, image_len, pes[0].device))
+
+    def double(self, block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
         if self.compiled:
-            _mark_tokens(x, None, *pes)
-        return self._single(block, x, pes, mod, mask, self.kernels)
+            _mark_tokens(img, txt, *pes, tables=tables)
+        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, tables)
+
+    def single(self, block, x, pes, mod, mask, tables=None):
+        if self.compiled:
+            _mark_tokens(x, None, *pes, tables=tables)
+        return self._single(block, x, pes, mod, mask, tables)
 
     def context(self):
         if self.attention == "auto":
@@ -598,7 +613,9 @@ class Blocks:
 EAGER = Blocks()
 
 
-def _mark_tokens(stream: Tensor, txt: Tensor | None, *pes: Tensor) -> None:
+def _mark_tokens(
+    stream: Tensor, txt: Tensor | None, *pes: Tensor, tables: KernelTables | None = None
+) -> None:
     """Token axes are dynamic: one graph serves every prompt length and resolution."""
     mark = torch._dynamo.maybe_mark_dynamic
     mark(stream, 1)
@@ -606,3 +623,5 @@ def _mark_tokens(stream: Tensor, txt: Tensor | None, *pes: Tensor) -> None:
         mark(txt, 1)
     for pe in pes:
         mark(pe, 2)
+    for table in tables or ():
+        mark(table, 0)
