@@ -236,6 +236,21 @@ def per_forward_check(engine: Engine, reference, variant, cond, size: int, block
     return out
 
 
+def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: int = 20) -> tuple[float, torch.Tensor]:
+    """Mean milliseconds of one SDPA call under the backend chosen around it (CUDA events, after
+    3 warm-up calls), and its output."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for _ in range(3):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / runs, out
+
+
 def attention_kernels(device: torch.device, tokens: int) -> dict:
     """SDPA alone at the fast path's shape (24 heads of 128), each backend that runs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -251,17 +266,7 @@ def attention_kernels(device: torch.device, tokens: int) -> dict:
     ]:
         try:
             with sdpa_kernel(backend):
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-                ref = fn()
-                for _ in range(3):
-                    fn()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / 20
+                ms, ref = sdpa_ms(q, k, v)
             out[name] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)}
             if flash_ref is None:
                 flash_ref = ref
@@ -553,7 +558,7 @@ def main() -> int:
             "variants_cached": gen.variant["variants_cached"],
         }
         if cuda:
-            free, total = torch.cuda.mem_get_info(device)
+            _, total = torch.cuda.mem_get_info(device)
             res["e2e"]["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
             res["e2e"]["card_gib"] = gib(total)
         log(f"end to end {res['e2e']}")

@@ -12,7 +12,7 @@ and a profile of ``--profile-steps`` steps, its kernels grouped into GEMM, atten
 Paths: ``weight_only`` (float8 weight-only, dequantized per forward), ``working`` (the same
 variant's working copy, dequantized once: the engine's default), ``fast`` and ``fast_working``
 (float8-fast, without and with the working copy of its weight-only layers), ``bf16`` (no
-quantization); ``*_kernels`` runs the single block's q/k/v kernel (``worker.kernels``).
+quantization); ``*_kernels`` runs each block's q/k/v kernel (``worker.kernels``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench import Clock, engine_only, random_weights  # noqa: E402  (bench/bench.py)
+from bench import Clock, engine_only, random_weights, sdpa_ms  # noqa: E402  (bench/bench.py)
 
 engine_only()
 
@@ -44,7 +44,7 @@ from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig  # noqa: E402
 from worker.variants import BaseWeights, working_copy  # noqa: E402
 
-PATHS = {  # quantization, working copy, the single block's q/k/v kernel
+PATHS = {  # quantization, working copy, the blocks' q/k/v kernels
     "weight_only": ("float8", False, False),
     "working": ("float8", True, False),
     "working_kernels": ("float8", True, True),
@@ -128,20 +128,8 @@ def attention_layouts(cfg: ChromaConfig, length: int, device: torch.device) -> d
         "all_strided": tuple(strided),
         "blhd_transposed": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in strided),
     }
-    out = {}
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.inference_mode():
-        for name, (q, k, v) in layouts.items():
-            for _ in range(3):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            end.record()
-            torch.cuda.synchronize()
-            out[name] = round(start.elapsed_time(end) / 20, 4)
-    return out
+        return {name: round(sdpa_ms(q, k, v)[0], 4) for name, (q, k, v) in layouts.items()}
 
 
 def main() -> int:
