@@ -77,8 +77,8 @@ def joint_reference(*args) -> torch.Tensor:
 
 
 def model_inputs(device: torch.device, dtype: torch.dtype):
-    """The tiny model's float8 working copy (random weights) and ``forward_batch`` inputs for two
-    guidance segments (texts of 9 and 2 tokens, 80x64 pixels)."""
+    """The tiny model (random float32 weights, on the CPU), its float8 working copy on ``device``
+    and ``forward_batch`` inputs for two guidance segments (texts of 9 and 2 tokens, 80x64 pixels)."""
     torch.manual_seed(0)
     model = ChromaTransformer(TINY).eval()
     for p in model.parameters():
@@ -91,7 +91,7 @@ def model_inputs(device: torch.device, dtype: torch.dtype):
     txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen).to(device, dtype) for n in (9, 2))
     pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in (9, 2))
     timestep = torch.tensor([0.4], device=device, dtype=dtype)
-    return copy, (img, txts, pes, timestep, torch.zeros(1, device=device))
+    return model, copy, (img, txts, pes, timestep, torch.zeros(1, device=device))
 
 
 @torch.inference_mode()
@@ -143,17 +143,8 @@ def main() -> dict:
             return _real(*a)
 
         setattr(kernels, op, counted)
-    torch.manual_seed(0)
-    model = ChromaTransformer(TINY).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    gen = torch.Generator().manual_seed(1)
-    img = torch.randn(1, 20, TINY.in_channels, generator=gen)
-    ids = sampling.image_ids(80, 64, torch.float32, torch.device("cpu"))
-    txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen) for n in (9, 2))
-    pes = tuple(sampling.rope_for(n, ids, TINY.axes_dim) for n in (9, 2))
-    t, g = torch.tensor([0.4]), torch.zeros(1)
-    cpu = torch.device("cpu")
+    model, copy, args = model_inputs(torch.device("cpu"), torch.float32)
+    img, txts, pes, t, g = args
     plain = model.forward_batch(img, txts, pes, t, g, blocks=Blocks())
     fused = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True))
     out["model_kernels_vs_plain_float32"] = rel(fused, plain)
@@ -164,7 +155,6 @@ def main() -> dict:
 
     # The working copy (float8 weight-only, dequantized once): its layers add the bias after the
     # matmul, so the kernels add it; the same numbers as the plain blocks on the same copy.
-    copy, args = model_inputs(cpu, torch.float32)
     plain = copy.forward_batch(*args, blocks=Blocks())
     bias_seen.clear()
     out["working_copy_kernels_vs_plain_float32"] = rel(

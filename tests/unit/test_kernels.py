@@ -177,7 +177,7 @@ def test_compiled_working_copy_with_the_kernels_on_cuda():
     from tests.unit.kernel_checks import model_inputs
     from worker.chroma_model import Blocks
 
-    copy, args = model_inputs(torch.device("cuda"), torch.bfloat16)
+    _, copy, args = model_inputs(torch.device("cuda"), torch.bfloat16)
     plain = copy.forward_batch(*args, blocks=Blocks(compile=True))
     torch._dynamo.reset()
     fused = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
