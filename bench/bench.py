@@ -309,7 +309,9 @@ def main() -> int:
         help="seconds from start: a section expected to end later is skipped (0: no deadline)",
     )
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (memory and variant checks)")
-    ap.add_argument("--kernels", action="store_true", help="the Triton q/k/v kernels (worker.kernels)")
+    ap.add_argument(
+        "--kernels", default="auto", help="the Triton q/k/v kernels (worker.kernels): auto, on, off"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     _, _, _, size, steps = SCALES[args.scale]

@@ -148,6 +148,7 @@ def main() -> int:
         "--profile-first-call", action="store_true", help="cProfile each path's first call (compile time)"
     )
     ap.add_argument("--save-outputs", action="store_true", help="write each path's output to <out>/<path>.pt")
+    ap.add_argument("--kernel-launch", default="", help="the q/k/v kernel's rows x warps, e.g. 16x4")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -178,6 +179,11 @@ def main() -> int:
         current = getattr(section, last)
         setattr(section, last, bool(int(value)) if isinstance(current, bool) else int(value))
         res.setdefault("inductor", {})[key] = getattr(section, last)
+    if args.kernel_launch:
+        from worker import kernels
+
+        kernels.BLOCK_ROWS, kernels.NUM_WARPS = (int(n) for n in args.kernel_launch.split("x"))
+        res["kernel_launch"] = args.kernel_launch
     if args.attention_layouts:
         res["attention_layouts"] = attention_layouts(cfg, (args.size // 16) ** 2 + 37, device)
         log(f"attention layouts: {res['attention_layouts']}")

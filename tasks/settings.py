@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         description="keep the variant being rendered dequantized (same arithmetic, no per-step float8 "
         "dequantization, ~17.8 GB more at full size); auto = on with CUDA when the card has room",
     )
+    kernels: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="each block's q/k/v preparation (bias, QK norm, RoPE, head layout) as one Triton "
+        "kernel, same arithmetic; auto = on with CUDA when Triton imports",
+    )
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "cudnn",
         description="attention kernel on CUDA (cudnn: 612 TFLOP/s vs flash 355 on an H100 at 1024x1024); "

@@ -277,11 +277,18 @@ def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
 
 
 def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``layer(x)`` as (product, bias still to add): the bias is left to the caller only where the
-    layer itself adds it after a bias-free matmul (``bias_after_matmul``: the working copy's
-    ``DequantizedLinear``), so the arithmetic stays the layer's; otherwise (output, None)."""
-    if getattr(layer, "bias_after_matmul", False) and layer.bias is not None:
+    """``layer(x)`` as (product, bias still to add), so a fused consumer adds the bias instead of a
+    pass of its own. The bias is left to the caller where the layer adds it after its matmul:
+    the working copy's ``DequantizedLinear`` (``bias_after_matmul``) and torchao's float8
+    weight-only layers, whose arithmetic this keeps. A float8 row-wise layer ("float8-fast", lossy)
+    would add it inside the float8 matmul before rounding; here it is added to the rounded
+    product, a difference at bf16 rounding. An ``nn.Linear`` keeps its bias: (output, None)."""
+    if layer.bias is None:
+        return layer(x), None
+    if getattr(layer, "bias_after_matmul", False):
         return torch.matmul(x.to(layer.weight.dtype), layer.weight.t()), layer.bias
+    if type(layer.weight).__name__ == "Float8Tensor":  # torchao's float8 weights
+        return F.linear(x, layer.weight), layer.bias
     return layer(x), None
 
 

@@ -81,7 +81,7 @@ class EngineConfig:
     batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
     attention: str = "cudnn"  # SDPA kernel on CUDA: cudnn | flash | efficient | math | auto (PyTorch's)
     working_copy: str = "auto"  # "on" | "off" | "auto" (on with CUDA): active variant dequantized once
-    kernels: bool = False  # Triton q/k/v kernels on CUDA (worker.kernels); off until measured on a GPU
+    kernels: str = "auto"  # Triton q/k/v kernels (worker.kernels): "on" | "off" | "auto" (on with CUDA)
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
@@ -98,6 +98,7 @@ class EngineConfig:
             batch_cfg=settings.batch_cfg,
             attention=settings.attention,
             working_copy=settings.working_copy,
+            kernels=settings.kernels,
         )
 
 
@@ -160,15 +161,18 @@ class Engine:
             raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
         if config.working_copy not in ("auto", "on", "off"):
             raise ValueError(f"working_copy {config.working_copy!r}; choose auto, on or off")
-        if config.kernels and not _triton_available():
+        if config.kernels not in ("auto", "on", "off"):
+            raise ValueError(f"kernels {config.kernels!r}; choose auto, on or off")
+        cuda = self.device.type == "cuda"
+        if config.kernels == "on" and not (cuda and _triton_available()):
             raise ValueError(
-                "kernels=True needs Triton (it comes with CUDA builds of torch); set kernels=False"
+                f"kernels 'on' needs a CUDA device and Triton (it comes with CUDA builds of torch); "
+                f"the device is {self.device}; use 'auto' (on where they run) or 'off'"
             )
         # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
         # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
         padding = config.text_padding
-        drop = padding == "drop" or (padding == "auto" and self.device.type == "cuda")
-        cuda = self.device.type == "cuda"
+        drop = padding == "drop" or (padding == "auto" and cuda)
         self.recipe = Recipe(
             drop_padding=drop,
             batch_cfg=config.batch_cfg,
@@ -177,7 +181,7 @@ class Engine:
             # An unquantized model has nothing to dequantize.
             working_copy=config.quantization in FLOAT8
             and (config.working_copy == "on" or (config.working_copy == "auto" and cuda)),
-            kernels=config.kernels and cuda,
+            kernels=config.kernels == "on" or (config.kernels == "auto" and cuda and _triton_available()),
         )
         self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
         self.loaded = False

@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 
 EPS = 1e-6
-BLOCK_ROWS = 32
+# Launch shape: rows and warps per program. 8 x 2 was the fastest of 4..64 rows x 2..8 warps at
+# both blocks' full-size shapes on an H200 (bench/kernel_bench.py; bench/RESULTS.md, run L).
+BLOCK_ROWS = 8
+NUM_WARPS = 2
 
 try:
     import triton
@@ -60,11 +63,12 @@ if triton is not None:
         EPS: tl.constexpr,
     ):
         HALF: tl.constexpr = DIM // 2
-        block, head = tl.program_id(0), tl.program_id(1)
+        # Heads vary fastest: the programs of one row tile run together and share its RoPE rows
+        # and the raw rows' memory pages.
+        head, block = tl.program_id(0), tl.program_id(1)
         row = block * BLOCK + tl.arange(0, BLOCK)
         live = row < rows
         col = tl.arange(0, DIM)
-        half = tl.arange(0, HALF)
         mask = live[:, None]
         out_dtype = out.dtype.element_ty
         if HAS_DEST:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
@@ -72,12 +76,14 @@ if triton is not None:
         else:
             target_row = row.to(tl.int64)
 
-        # RoPE rotation for these rows: out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1]
-        table = pe + target_row[:, None] * (HALF * 4) + half[None, :] * 4
-        f00 = tl.load(table + 0, mask=mask, other=0.0)
-        f01 = tl.load(table + 1, mask=mask, other=0.0)
-        f10 = tl.load(table + 2, mask=mask, other=0.0)
-        f11 = tl.load(table + 3, mask=mask, other=0.0)
+        # RoPE rotation for these rows: out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1].
+        # The rows' table is read whole (contiguous) and taken apart in registers.
+        table = tl.load(
+            pe + target_row[:, None] * (HALF * 4) + tl.arange(0, HALF * 4)[None, :], mask=mask, other=0.0
+        )
+        by_out, by_in = tl.split(tl.reshape(table, (BLOCK, HALF, 2, 2)))  # [..., j, 0], [..., j, 1]
+        f00, f10 = tl.split(by_out)
+        f01, f11 = tl.split(by_in)
 
         for which in tl.static_range(3):  # q, k, v
             start = (which * heads + head) * DIM
@@ -101,7 +107,7 @@ if triton is not None:
 
     def _launch(raw, bias, q_scale, k_scale, dest, pe, out, heads):
         rows, out_rows, dim = raw.shape[0], out.shape[2], q_scale.shape[0]
-        torch.library.wrap_triton(_heads_kernel)[(triton.cdiv(rows, BLOCK_ROWS), heads)](
+        torch.library.wrap_triton(_heads_kernel)[(heads, triton.cdiv(rows, BLOCK_ROWS))](
             raw,
             raw if bias is None else bias,
             q_scale,
@@ -118,6 +124,7 @@ if triton is not None:
             DIM=dim,
             BLOCK=BLOCK_ROWS,
             EPS=EPS,
+            num_warps=NUM_WARPS,
         )
 
     @torch.library.triton_op("chroma::qkv_heads", mutates_args={})

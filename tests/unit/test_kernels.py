@@ -80,6 +80,12 @@ def test_working_copy_hands_its_bias_to_the_kernels(checks):
     assert checks["working_copy_kernels_vs_plain_float32"] < 1e-6
 
 
+def test_float8_weights_hand_their_bias_to_the_kernels(checks):
+    """torchao's float8 weight-only layers add the bias after the matmul too: same numbers."""
+    assert checks["float8_bias_in_kernel"] == [True] * 4
+    assert checks["float8_kernels_vs_plain_float32"] < 1e-6
+
+
 def test_joint_rows_place_each_segment_text_then_image():
     from worker.kernels import joint_rows
 

@@ -292,14 +292,16 @@ def test_working_copy_setting_is_checked(tiny_sources):
         Engine(EngineConfig(tiny_sources, working_copy="sometimes"))
 
 
-def test_kernels_need_triton_and_run_only_on_cuda(tiny_sources, monkeypatch):
+def test_kernels_setting_runs_them_only_where_they_can_run(tiny_sources, monkeypatch):
     from worker import kernels
 
-    assert not Engine(EngineConfig(tiny_sources, kernels=True)).recipe.kernels  # this CPU
+    assert not Engine(EngineConfig(tiny_sources)).recipe.kernels  # "auto" on this CPU: off
+    with pytest.raises(ValueError, match="kernels 'on' needs a CUDA device and Triton"):
+        Engine(EngineConfig(tiny_sources, kernels="on"))
+    with pytest.raises(ValueError, match="kernels 'sometimes'; choose auto, on or off"):
+        Engine(EngineConfig(tiny_sources, kernels="sometimes"))
     monkeypatch.setattr(kernels, "available", lambda: False)
-    with pytest.raises(ValueError, match="kernels=True needs Triton"):
-        Engine(EngineConfig(tiny_sources, kernels=True))
-    assert not Engine(EngineConfig(tiny_sources)).recipe.kernels
+    assert not Engine(EngineConfig(tiny_sources, kernels="off")).recipe.kernels
 
 
 def test_out_of_memory_while_rendering_evicts_the_other_variants_and_retries_once(
