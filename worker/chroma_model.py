@@ -332,7 +332,7 @@ class DoubleStreamBlock(nn.Module):
 
         if use_kernels(tables, dim // self.num_heads) and txt.shape[0] == 1 and img.shape[0] == len(pes):
             # One kernel for both streams' bias, QK norm, RoPE and the joint layout (worker.kernels).
-            from worker.kernels import joint_qkv_heads  # imports Triton: only where it runs
+            from worker.kernels import as_heads, joint_qkv_heads  # imports Triton: only where it runs
 
             rope, img_rows, txt_rows = tables
             image_len = img.shape[1]
@@ -353,7 +353,7 @@ class DoubleStreamBlock(nn.Module):
                 rope,
                 self.num_heads,
             )
-            q, k, v = heads.unsqueeze(1).unbind(0)
+            q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
         else:
             img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_in), self.num_heads)
@@ -391,7 +391,7 @@ class SingleStreamBlock(nn.Module):
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
         if use_kernels(tables, dim // self.num_heads) and x.shape[0] == 1:
             # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
-            from worker.kernels import qkv_heads  # imports Triton: only where the kernel runs
+            from worker.kernels import as_heads, qkv_heads  # imports Triton: only where the kernel runs
 
             raw, bias = product(self.linear1, x_mod)
             rows = raw.shape[1]
@@ -403,7 +403,7 @@ class SingleStreamBlock(nn.Module):
                 tables[0],
                 self.num_heads,
             )
-            q, k, v = heads.unsqueeze(1).unbind(0)
+            q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             attn = packed_attention(q, k, v, pes, None, rotated=True)
             mlp = raw[..., 3 * dim :] if bias is None else raw[..., 3 * dim :] + bias[3 * dim :]
         else:

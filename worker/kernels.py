@@ -6,8 +6,10 @@ and writing the layout attention reads (for the double block, also joining the t
 streams). Here one kernel does it: each program reads a tile of rows for one head of q, k and v
 from the projection's product, adds the bias where the layer adds it after its matmul (rounded to
 the activation dtype, as ``DequantizedLinear`` does), normalises q and k (float32 statistics,
-weight applied, rounded), rotates them with the RoPE table and writes q, k and v as
-(3, heads, rows, dim). ``qkv_heads`` is the single block's (one stream, rows in place);
+weight applied, rounded), rotates them with the RoPE table and writes q, k and v token-major,
+(rows, 3, heads, dim): the layout the projection had, so attention (which takes q's layout for
+its output) hands its consumer whole rows, and ``as_heads`` gives the (heads, rows, dim) views
+attention reads. ``qkv_heads`` is the single block's (one stream, rows in place);
 ``joint_qkv_heads`` the double block's (two streams with their own weights, each row sent to its
 place in ``[text_0, image_0, text_1, image_1, ...]``). The arithmetic is the plain path's, in its
 order; only where a float32 multiply-add is contracted can a last bit differ before the bf16
@@ -43,17 +45,16 @@ def available() -> bool:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["rows", "out_rows"])  # token counts vary: one compiled kernel
+    @triton.jit(do_not_specialize=["rows"])  # token counts vary: one compiled kernel
     def _heads_kernel(
         raw,  # (rows, >= 3 * heads * dim) product without bias, row stride `raw_stride`
         bias,  # (3 * heads * dim,) or unused
         q_scale,  # (dim,)
         k_scale,  # (dim,)
         dest,  # (rows,) int32: the output row of each input row, or unused (the same row)
-        pe,  # (out_rows, dim // 2, 2, 2) float32, by output row
-        out,  # (3, heads, out_rows, dim)
+        pe,  # (out rows, dim // 2, 2, 2) float32, by output row
+        out,  # (out rows, 3, heads, dim)
         rows,
-        out_rows,
         raw_stride,
         heads,
         HAS_BIAS: tl.constexpr,
@@ -102,11 +103,11 @@ if triton is not None:
                 y = (x * rms[:, None] * scale[None, :]).to(out_dtype).to(tl.float32)
                 even, odd = tl.split(tl.reshape(y, (BLOCK, HALF, 2)))
                 x = tl.reshape(tl.join(f00 * even + f01 * odd, f10 * even + f11 * odd), (BLOCK, DIM))
-            plane = (which * heads + head).to(tl.int64) * out_rows
-            tl.store(out + (plane + target_row[:, None]) * DIM + col[None, :], x.to(out_dtype), mask=mask)
+            at = (target_row[:, None] * 3 + which) * heads + head
+            tl.store(out + at * DIM + col[None, :], x.to(out_dtype), mask=mask)
 
     def _launch(raw, bias, q_scale, k_scale, dest, pe, out, heads):
-        rows, out_rows, dim = raw.shape[0], out.shape[2], q_scale.shape[0]
+        rows, dim = raw.shape[0], q_scale.shape[0]
         torch.library.wrap_triton(_heads_kernel)[(heads, triton.cdiv(rows, BLOCK_ROWS))](
             raw,
             raw if bias is None else bias,
@@ -116,7 +117,6 @@ if triton is not None:
             pe,
             out,
             rows,
-            out_rows,
             raw.stride(0),
             heads,
             HAS_BIAS=bias is not None,
@@ -131,8 +131,8 @@ if triton is not None:
     def qkv_heads(
         raw: Tensor, bias: Tensor | None, q_scale: Tensor, k_scale: Tensor, pe: Tensor, heads: int
     ) -> Tensor:
-        """(rows, >=3*H*D) product, bias, norm scales, (rows, D/2, 2, 2) RoPE -> (3, H, rows, D)."""
-        out = raw.new_empty((3, heads, raw.shape[0], q_scale.shape[0]))
+        """(rows, >=3*H*D) product, bias, norm scales, (rows, D/2, 2, 2) RoPE -> (rows, 3, H, D)."""
+        out = raw.new_empty((raw.shape[0], 3, heads, q_scale.shape[0]))
         _launch(raw, bias, q_scale, k_scale, None, pe, out, heads)
         return out
 
@@ -154,9 +154,9 @@ if triton is not None:
         """The double block's two streams, each with its own weights, into one packed layout.
 
         Row i of a stream goes to output row ``dest[i]`` (``joint_rows``), rotated with that
-        row's RoPE: (3, H, rows of both, D), each guidance segment's text then image tokens."""
+        row's RoPE: (rows of both, 3, H, D), each guidance segment's text then image tokens."""
         rows = img_raw.shape[0] + txt_raw.shape[0]
-        out = img_raw.new_empty((3, heads, rows, img_q_scale.shape[0]))
+        out = img_raw.new_empty((rows, 3, heads, img_q_scale.shape[0]))
         _launch(img_raw, img_bias, img_q_scale, img_k_scale, img_dest, pe, out, heads)
         _launch(txt_raw, txt_bias, txt_q_scale, txt_k_scale, txt_dest, pe, out, heads)
         return out
@@ -176,7 +176,7 @@ def joint_rows(text_lengths: list, image_len, device: torch.device) -> tuple[Ten
 def reference(
     raw: Tensor, bias: Tensor | None, q_scale: Tensor, k_scale: Tensor, pe: Tensor, heads: int
 ) -> Tensor:
-    """What ``qkv_heads`` computes, in plain torch ops (the plain path's arithmetic)."""
+    """What ``qkv_heads`` computes, in plain torch ops (the plain path's arithmetic): (rows, 3, H, D)."""
     dim = q_scale.shape[0]
     x = raw[:, : 3 * heads * dim]
     if bias is not None:
@@ -188,4 +188,9 @@ def reference(
         pairs = t.float().reshape(*t.shape[:-1], -1, 1, 2)
         rotated = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
         out.insert(len(out) - 1, rotated.reshape(t.shape).to(raw.dtype))
-    return torch.stack(out)
+    return torch.stack(out).permute(2, 0, 1, 3)
+
+
+def as_heads(out: Tensor) -> Tensor:
+    """The kernels' (rows, 3, H, D) as q, k, v views of (H, rows, D): (3, H, rows, D)."""
+    return out.permute(1, 2, 0, 3)

@@ -70,9 +70,9 @@ def joint_reference(*args) -> torch.Tensor:
     *img, img_rows = args[:5]
     *txt, txt_rows = args[5:10]
     pe, heads = args[10:]
-    out = torch.empty(3, heads, pe.shape[0], img[2].shape[0], dtype=img[0].dtype, device=pe.device)
+    out = torch.empty(pe.shape[0], 3, heads, img[2].shape[0], dtype=img[0].dtype, device=pe.device)
     for (raw, bias, q_scale, k_scale), rows in ((img, img_rows), (txt, txt_rows)):
-        out[:, :, rows.long()] = reference(raw, bias, q_scale, k_scale, pe[rows.long()], heads)
+        out[rows.long()] = reference(raw, bias, q_scale, k_scale, pe[rows.long()], heads)
     return out
 
 

@@ -41,7 +41,7 @@ def checks() -> dict:
 
 def test_checks_ran_in_the_interpreter(checks):
     assert checks["interpreter"] and checks["available"]
-    assert checks["shape_float32"] == [3, 4, 60, 32]  # (q/k/v, heads, rows, head dim)
+    assert checks["shape_float32"] == [60, 3, 4, 32]  # (rows, q/k/v, heads, head dim)
 
 
 @pytest.mark.parametrize("bias", ["kernel", "no_bias"])
@@ -59,7 +59,7 @@ def test_wrong_inputs_are_seen(checks, dtype):
 
 def test_joint_kernel_matches_the_reference(checks):
     """The double block's: two streams with their own weights, rows placed per segment."""
-    assert checks["joint_shape_float32"] == [3, 4, 60, 32]  # 2 x (text + 20 image rows), 15 + 5 text
+    assert checks["joint_shape_float32"] == [60, 3, 4, 32]  # 2 x (text + 20 image rows), 15 + 5 text
     assert checks["joint_vs_reference_float32"] < 1e-6
     assert checks["joint_vs_reference_bfloat16"] < 1e-2
     for dtype in ("float32", "bfloat16"):
@@ -109,7 +109,7 @@ def test_kernel_compiles_for_hopper(bias, dest):
         "dest": "*i32" if dest else "*bf16",
         "pe": "*fp32",
         "out": "*bf16",
-        **dict.fromkeys(("rows", "out_rows", "raw_stride", "heads"), "i32"),
+        **dict.fromkeys(("rows", "raw_stride", "heads"), "i32"),
         **dict.fromkeys(("HAS_BIAS", "HAS_DEST", "DIM", "BLOCK", "EPS"), "constexpr"),
     }
     constants = {"HAS_BIAS": bias, "HAS_DEST": dest, "DIM": 128, "BLOCK": 32, "EPS": 1e-6}
