@@ -276,6 +276,16 @@ def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([pe.reshape(-1, *pe.shape[-3:]) for pe in pes])
 
 
+class CastInputLinear(nn.Linear):
+    """A Linear that casts its input to its weights' dtype first: "float8-fast"'s image-stream
+    layers. Their float8 matmul writes its output in the input's dtype, and under autocast the
+    norms before them give float32; cast, the activations are quantized from bf16 and the matmul
+    writes bf16 (half the bytes for every pass that reads them), as a bf16 model's would."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """``layer(x)`` as (product, bias still to add), so a fused consumer adds the bias instead of a
     pass of its own. The bias is left to the caller where the layer adds it after its matmul:
@@ -288,6 +298,8 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     if getattr(layer, "bias_after_matmul", False):
         return torch.matmul(x.to(layer.weight.dtype), layer.weight.t()), layer.bias
     if type(layer.weight).__name__ == "Float8Tensor":  # torchao's float8 weights
+        if isinstance(layer, CastInputLinear):
+            x = x.to(layer.weight.dtype)
         return F.linear(x, layer.weight), layer.bias
     return layer(x), None
 

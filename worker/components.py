@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from worker.chroma_model import CastInputLinear
+
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +126,9 @@ def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: 
         return isinstance(layer, torch.nn.Linear) and quantizes_activations(f"{part}.{name}")
 
     quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=image_stream)
+    for name, layer in module.named_modules():
+        if image_stream(layer, name):  # quantize bf16 activations, write bf16 (CastInputLinear)
+            layer.__class__ = CastInputLinear
     quantize_(
         module,
         Float8WeightOnlyConfig(),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from worker.chroma_model import ChromaConfig, ChromaTransformer
+from worker.chroma_model import CastInputLinear, ChromaConfig, ChromaTransformer
 from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
 
@@ -143,6 +143,8 @@ def working_copy(model: ChromaTransformer) -> ChromaTransformer:
             setattr(module, pname, param)
         for bname, buffer in original.named_buffers(recurse=False):
             setattr(module, bname, buffer)
+        if isinstance(original, CastInputLinear) and module.__class__ is not DequantizedLinear:
+            module.__class__ = CastInputLinear  # a float8-activation layer, kept as it is
     return copy.eval().requires_grad_(False)
 
 

@@ -147,6 +147,7 @@ def test_working_copy_leaves_an_unquantized_model_alone(base):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float8 activations need a CUDA card (sm >= 8.9)")
 def test_working_copy_keeps_float8_activation_layers(base):
     """float8-fast: the image stream keeps its float8 matmuls; only weight-only layers dequantize."""
+    from worker.chroma_model import CastInputLinear
     from worker.variants import DequantizedLinear, is_weight_only_float8, working_copy
 
     fast = base.build([], "float8-fast", torch.device("cuda"))
@@ -156,7 +157,32 @@ def test_working_copy_keeps_float8_activation_layers(base):
     assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(
         block.img_attn.qkv.weight
     )
-    assert type(block.img_attn.qkv) is torch.nn.Linear
+    assert type(block.img_attn.qkv) is CastInputLinear
     assert type(block.txt_attn.qkv) is DequantizedLinear  # the text stream is weight-only
-    assert type(copy.single_blocks[0].linear1) is torch.nn.Linear
+    assert type(copy.single_blocks[0].linear1) is CastInputLinear
     assert type(copy.distilled_guidance_layer.in_proj) is DequantizedLinear
+
+
+def test_float8_activation_layers_take_bf16_inputs_and_stay_so_in_the_working_copy(base):
+    """float8-fast's image-stream layers cast their input to the weights' dtype, so the float8
+    matmul quantizes bf16 activations and writes bf16; the working copy keeps them as they are."""
+    from worker.chroma_model import CastInputLinear, product
+    from worker.variants import DequantizedLinear, working_copy
+
+    layer = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    x = torch.randn(3, 8)
+    want = layer(x.bfloat16())
+    layer.__class__ = CastInputLinear
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+    model = base.build([], "float8", torch.device("cpu"))
+    kept = model.single_blocks[0].linear1
+    kept.weight = torch.nn.Parameter(kept.weight.dequantize(), requires_grad=False)  # as if float8-fast
+    kept.__class__ = CastInputLinear
+    copy = working_copy(model)
+    assert type(copy.single_blocks[0].linear1) is CastInputLinear
+    assert copy.single_blocks[0].linear1.weight is kept.weight
+    assert type(copy.single_blocks[0].linear2) is DequantizedLinear
+    raw, bias = product(copy.single_blocks[0].linear1, x.new_zeros(2, kept.in_features))
+    assert bias is None and raw.shape == (2, kept.out_features)  # an unquantized weight keeps its bias

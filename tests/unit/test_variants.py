@@ -342,7 +342,7 @@ def test_fast_mode_quantization_split_per_part(monkeypatch):
     outer layers (checked on the CPU by recording what each quantize_ call selects)."""
     import torchao.quantization
 
-    from worker.chroma_model import ChromaTransformer
+    from worker.chroma_model import CastInputLinear, ChromaTransformer
     from worker.components import quantize_transformer_part
     from worker.tiny import TINY
     from worker.variants import _parts
@@ -367,3 +367,6 @@ def test_fast_mode_quantization_split_per_part(monkeypatch):
     assert dynamic | weight_only == linears and not dynamic & weight_only
     assert {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.2", "single_blocks.0.linear1"} <= dynamic
     assert {"double_blocks.0.txt_attn.qkv", "txt_in", "img_in", "final_layer.linear"} <= weight_only
+    # The float8-activation layers take bf16 inputs (CastInputLinear); the others stay nn.Linear.
+    cast = {name for name, m in model.named_modules() if isinstance(m, CastInputLinear)}
+    assert cast == dynamic
