@@ -10,7 +10,8 @@ side in one process on one card:
               transformer passes per step (ai-toolkit's inference, op for op)
   faithful    the default: same numerics (float8 weight-only, bf16 activations), padding
               dropped, both guidance branches in one pass, blocks compiled (dynamic token counts),
-              the active variant's weights dequantized once (working copy)
+              the active variant's weights dequantized once (working copy), each block's q/k/v
+              preparation as one Triton kernel (worker.kernels)
   fast        quantization "float8-fast" (opt-in, lossy): float8 activations on the image stream
   switch      a new (LoRA, multiplier) variant from the resident base weights, recompiles after it,
               variants resident within the engine's memory budget

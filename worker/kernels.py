@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 EPS = 1e-6
-# Launch shape: rows and warps per program. 8 x 2 was the fastest of 4..64 rows x 2..8 warps at
-# both blocks' full-size shapes on an H200 (bench/kernel_bench.py; bench/RESULTS.md, run L).
+# Launch shape: rows and warps per program. 8 x 2 was the fastest of 8..64 rows x 2..8 warps at
+# both blocks' full-size shapes on an H200, and is what the full benches ran (bench/RESULTS.md,
+# runs M to Q; bench/kernel_bench.py measures the choices).
 BLOCK_ROWS = 8
 NUM_WARPS = 2
 
