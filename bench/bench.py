@@ -500,6 +500,7 @@ def main() -> int:
 
     def switch() -> None:
         """A new (LoRA, multiplier) variant from the resident base weights."""
+        st.pop(other, None)  # built outside the budget (its own section may have been skipped)
         lora_path = args.work / f"lora-r{args.lora_rank}.safetensors"
         write_lora(lora_path, seed=2, rank=args.lora_rank, std=0.01, cfg=engine.cfg)
         sha = hashlib.sha256(lora_path.read_bytes()).hexdigest()

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     kernels: Literal["auto", "on", "off"] = Field(
         "auto",
         description="each block's q/k/v preparation (bias, QK norm, RoPE, head layout) as one Triton "
-        "kernel, same arithmetic; auto = on with CUDA when Triton imports",
+        "kernel: the same arithmetic for float8 (bf16 rounding for float8-fast's biases); "
+        "auto = on with CUDA when Triton imports",
     )
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "cudnn",

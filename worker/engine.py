@@ -104,7 +104,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the denoising loop runs; every flag keeps the quantization's numerics."""
+    """How the denoising loop runs; every flag keeps the quantization's numerics (for
+    "float8-fast", ``kernels`` adds the image layers' bias after the float8 matmul's rounding
+    rather than inside it: a difference at bf16 rounding, see ``chroma_model.product``)."""
 
     drop_padding: bool
     batch_cfg: bool

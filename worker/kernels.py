@@ -28,8 +28,9 @@ from torch import Tensor
 
 EPS = 1e-6
 # Launch shape: rows and warps per program. 8 x 2 was the fastest of 8..64 rows x 2..8 warps at
-# both blocks' full-size shapes on an H200, and is what the full benches ran (bench/RESULTS.md,
-# runs M to Q; bench/kernel_bench.py measures the choices).
+# both blocks' full-size shapes on an H200 with the earlier head-major output (bench/RESULTS.md,
+# run M) and is what the full benches ran (runs N to Q). With the token-major output, 4 x 1
+# measured about 10 us faster per call alone (run O); bench/kernel_bench.py measures the choices.
 BLOCK_ROWS = 8
 NUM_WARPS = 2
 
@@ -65,9 +66,10 @@ if triton is not None:
         EPS: tl.constexpr,
     ):
         HALF: tl.constexpr = DIM // 2
-        # Heads vary fastest: the programs of one row tile run together and share its RoPE rows
-        # and the raw rows' memory pages.
-        head, block = tl.program_id(0), tl.program_id(1)
+        # One grid axis (no 65535 limit on row tiles), heads varying fastest: the programs of one
+        # row tile run together and share its RoPE rows and the raw rows' memory pages.
+        program = tl.program_id(0)
+        head, block = program % heads, program // heads
         row = block * BLOCK + tl.arange(0, BLOCK)
         live = row < rows
         col = tl.arange(0, DIM)
@@ -109,7 +111,7 @@ if triton is not None:
 
     def _launch(raw, bias, q_scale, k_scale, dest, pe, out, heads):
         rows, dim = raw.shape[0], q_scale.shape[0]
-        torch.library.wrap_triton(_heads_kernel)[(heads, triton.cdiv(rows, BLOCK_ROWS))](
+        torch.library.wrap_triton(_heads_kernel)[(heads * triton.cdiv(rows, BLOCK_ROWS),)](
             raw,
             raw if bias is None else bias,
             q_scale,

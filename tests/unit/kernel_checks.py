@@ -160,7 +160,7 @@ def main() -> dict:
     out["working_copy_kernels_vs_plain_float32"] = rel(
         copy.forward_batch(*args, blocks=Blocks(kernels=True)), plain
     )
-    out["working_copy_bias_in_kernel"] = bias_seen
+    out["working_copy_bias_in_kernel"] = list(bias_seen)
 
     # torchao's float8 weight-only layers (no working copy) also add the bias after the matmul.
     variant = BaseWeights(TINY, model.state_dict(), torch.float32, pin=False).build([], "float8", img.device)

@@ -101,7 +101,7 @@ def test_kernel_compiles_for_hopper(bias, dest):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from worker.kernels import _heads_kernel
+    from worker.kernels import BLOCK_ROWS, NUM_WARPS, _heads_kernel
 
     pointers = {"raw": "*bf16", "bias": "*bf16", "q_scale": "*bf16", "k_scale": "*bf16"}
     signature = {
@@ -112,9 +112,11 @@ def test_kernel_compiles_for_hopper(bias, dest):
         **dict.fromkeys(("rows", "raw_stride", "heads"), "i32"),
         **dict.fromkeys(("HAS_BIAS", "HAS_DEST", "DIM", "BLOCK", "EPS"), "constexpr"),
     }
-    constants = {"HAS_BIAS": bias, "HAS_DEST": dest, "DIM": 128, "BLOCK": 32, "EPS": 1e-6}
+    constants = {"HAS_BIAS": bias, "HAS_DEST": dest, "DIM": 128, "BLOCK": BLOCK_ROWS, "EPS": 1e-6}
     compiled = triton.compile(
-        ASTSource(_heads_kernel, signature, constants), target=GPUTarget("cuda", 90, 32)
+        ASTSource(_heads_kernel, signature, constants),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": NUM_WARPS},  # the shipped launch shape
     )
     ptx = compiled.asm["ptx"]
     assert "st.global" in ptx and "ld.local" not in ptx

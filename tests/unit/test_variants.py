@@ -293,15 +293,25 @@ def test_working_copy_setting_is_checked(tiny_sources):
 
 
 def test_kernels_setting_runs_them_only_where_they_can_run(tiny_sources, monkeypatch):
+    from worker import engine as engine_module
     from worker import kernels
 
-    assert not Engine(EngineConfig(tiny_sources)).recipe.kernels  # "auto" on this CPU: off
+    def recipe(device: str, kernels_setting: str) -> bool:
+        return Engine(EngineConfig(tiny_sources, device=device, kernels=kernels_setting)).recipe.kernels
+
+    assert not recipe("cpu", "auto")  # the kernels run on CUDA only
     with pytest.raises(ValueError, match="kernels 'on' needs a CUDA device and Triton"):
-        Engine(EngineConfig(tiny_sources, kernels="on"))
+        recipe("cpu", "on")
     with pytest.raises(ValueError, match="kernels 'sometimes'; choose auto, on or off"):
-        Engine(EngineConfig(tiny_sources, kernels="sometimes"))
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    assert not Engine(EngineConfig(tiny_sources, kernels="off")).recipe.kernels
+        recipe("cpu", "sometimes")
+    # A CUDA device as the engine sees it (nothing here touches the card).
+    monkeypatch.setattr(engine_module, "_pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert recipe("cuda", "auto") and recipe("cuda", "on") and not recipe("cuda", "off")
+    monkeypatch.setattr(kernels, "available", lambda: False)  # a CUDA build without Triton
+    assert not recipe("cuda", "auto")
+    with pytest.raises(ValueError, match="kernels 'on' needs a CUDA device and Triton"):
+        recipe("cuda", "on")
 
 
 def test_out_of_memory_while_rendering_evicts_the_other_variants_and_retries_once(
