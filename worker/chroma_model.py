@@ -262,13 +262,9 @@ def packed_joint_attention(
 
 
 # What the q/k/v kernels read besides each block's weights, made once per forward (``Blocks.tables``):
-# the packed RoPE table, and the output rows of the double block's image and text streams.
+# the packed RoPE table, and the output rows of the double block's image and text streams. None
+# where the kernels do not run, and the blocks take the plain path.
 KernelTables = tuple[Tensor, Tensor, Tensor]
-
-
-def use_kernels(tables: KernelTables | None, head_dim: int) -> bool:
-    """The Triton q/k/v kernels: asked for (no attention mask), a power-of-two head size."""
-    return tables is not None and head_dim & (head_dim - 1) == 0
 
 
 def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
@@ -342,7 +338,7 @@ class DoubleStreamBlock(nn.Module):
         img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
         txt_in = modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)
 
-        if use_kernels(tables, dim // self.num_heads) and txt.shape[0] == 1 and img.shape[0] == len(pes):
+        if tables is not None and txt.shape[0] == 1 and img.shape[0] == len(pes):
             # One kernel for both streams' bias, QK norm, RoPE and the joint layout (worker.kernels).
             from worker.kernels import as_heads, joint_qkv_heads  # imports Triton: only where it runs
 
@@ -401,7 +397,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
         x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
-        if use_kernels(tables, dim // self.num_heads) and x.shape[0] == 1:
+        if tables is not None and x.shape[0] == 1:
             # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
             from worker.kernels import as_heads, qkv_heads  # imports Triton: only where the kernel runs
 
@@ -596,8 +592,10 @@ class Blocks:
             self._double, self._single = run_double, run_single
 
     def tables(self, pes: tuple[Tensor, ...], image_len, mask: Tensor | None) -> KernelTables | None:
-        """What the kernels need besides the weights, once per forward rather than per block."""
-        if not self.kernels or mask is not None:
+        """What the kernels need besides the weights, once per forward rather than per block; None
+        where they do not run: not asked for, an attention mask, a head size not a power of two."""
+        head_dim = 2 * pes[0].shape[-3]  # RoPE tables: (B, 1, tokens, D/2, 2, 2)
+        if not self.kernels or mask is not None or head_dim & (head_dim - 1):
             return None
         from worker.kernels import joint_rows  # imports Triton: only where the kernels run
 
