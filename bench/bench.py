@@ -237,19 +237,27 @@ def per_forward_check(engine: Engine, reference, variant, cond, size: int, block
     return out
 
 
-def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: int = 20) -> tuple[float, torch.Tensor]:
-    """Mean milliseconds of one SDPA call under the backend chosen around it (CUDA events, after
-    3 warm-up calls), and its output."""
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+def event_ms(fn, runs: int = 20, repeats: int = 1) -> float:
+    """Milliseconds of one call of ``fn`` on the card: after 3 warm-up calls, the median over
+    ``repeats`` of the mean of ``runs`` back-to-back calls, timed with CUDA events."""
     for _ in range(3):
-        torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / runs, out
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(runs):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / runs)
+    return statistics.median(times)
+
+
+def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: int = 20) -> tuple[float, torch.Tensor]:
+    """Mean milliseconds of one SDPA call under the backend chosen around it, and its output."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return event_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), runs), out
 
 
 def attention_kernels(device: torch.device, tokens: int) -> dict:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
-from bench import engine_only  # noqa: E402  (bench/bench.py)
+from bench import engine_only, event_ms, rel  # noqa: E402  (bench/bench.py)
 
 engine_only()
 
@@ -30,26 +29,6 @@ import torch  # noqa: E402
 from worker import kernels  # noqa: E402
 
 HEADS, DIM = 24, 128
-
-
-def event_ms(fn, runs: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean milliseconds of ``runs`` back-to-back calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(runs):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / runs)
-    return statistics.median(times)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def measure(name: str, rows: int, width: int, args: argparse.Namespace, randn) -> dict:
