@@ -16,7 +16,7 @@ side in one process on one card:
   switch      a new (LoRA, multiplier) variant from the resident base weights, recompiles after it,
               variants resident within the engine's memory budget
   end to end  one request through ``Engine.generate``: encode, denoise, decode, PNG
-  faults      out-of-memory inside ``Engine._guard``; a device-side assert in a subprocess
+  faults      out-of-memory inside ``worker.device.guard``; a device-side assert in a subprocess
 
 Seconds are the denoising loop alone (25 steps, guidance 4, 1024x1024 by default), medians of
 ``--runs`` runs, synchronized. Sections run most wanted first (warm-up, faithful, reference, fast,
@@ -49,28 +49,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
 
-def engine_only() -> None:
-    """Make ``worker`` importable without running ``worker/__init__`` (the Celery app, S3 client).
-
-    The engine knows nothing of Celery or S3, so the benchmark runs on a bare GPU machine with
-    torch, diffusers and torchao alone.
-    """
-    import types
-
-    package = types.ModuleType("worker")
-    package.__path__ = [str(ROOT / "worker")]
-    sys.modules.setdefault("worker", package)
-
-
-engine_only()
-
 import torch  # noqa: E402
 
 from tasks.schemas import ResolvedPrompt  # noqa: E402
+from worker import device as dev  # noqa: E402
 from worker import sampling  # noqa: E402
 from worker.chroma_model import ChromaConfig, ChromaTransformer  # noqa: E402
-from worker.components import Sources  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
+from worker.sources import Sources  # noqa: E402
 from worker.tiny import FLUX_VAE, T5_V1_1, TINY, write_lora, write_tokenizer  # noqa: E402
 from worker.variants import timed_build  # noqa: E402
 
@@ -213,7 +199,7 @@ def per_forward_check(engine: Engine, reference, variant, cond, size: int, block
     ids = sampling.image_ids(size, size, dtype, dev)
     ts = torch.tensor([0.6], dtype=dtype, device=dev)
     g = torch.zeros(1, device=dev)
-    uncond = engine._uncond
+    uncond = engine.encode("")
     out = {}
     with torch.inference_mode(), sampling.autocast_for(dev, dtype):
         ref = []
@@ -392,7 +378,7 @@ def main() -> int:
     p = ResolvedPrompt(0, PROMPT, "", size, size, steps, 4.0, 42)
     one_step = ResolvedPrompt(0, PROMPT, "", size, size, 1, 4.0, 0)
     cond = sampling.encode_text(engine.tokenizer, engine.text_encoder, PROMPT)
-    res["text_tokens_attended"] = {"cond": cond.attended, "uncond": engine._uncond.attended}
+    res["text_tokens_attended"] = {"cond": cond.attended, "uncond": engine.encode("").attended}
     st: dict = {}  # what later sections take from earlier ones
     warm_guidance = tuple(float(g) for g in args.warm_guidance.split(","))
 
@@ -454,7 +440,7 @@ def main() -> int:
         if quantization not in st:
             # Built outside the engine's cache: make room first (the switch section may have filled it).
             engine.variants.keep_only(st["variant"].key)
-            engine._drop_working_copy()
+            engine.drop_working_copy()
             engine.release_memory()
             key = engine.variant_key([])
             st[quantization] = timed_build(
@@ -664,14 +650,16 @@ def faults(engine: Engine, st: dict) -> dict:
     out: dict = {}
     before = torch.cuda.memory_allocated()
     try:
-        engine._guard(lambda: torch.empty(1 << 46, dtype=torch.uint8, device=engine.device))  # 64 TiB
+        dev.guard(
+            engine.device, lambda: torch.empty(1 << 46, dtype=torch.uint8, device=engine.device)
+        )  # 64 TiB
         out["oom"] = "no error raised"
     except OutOfMemory as exc:
         out["oom"] = f"{type(exc).__name__}({exc.code}): {exc}"
     out["oom_allocated_gib_before_after"] = [gib(before), gib(torch.cuda.memory_allocated())]
     variant = st["variant"]
     small = ResolvedPrompt(0, "after the oom", "", 512, 512, 2, 4.0, 0)
-    rendered = engine._guard(lambda: engine.render(variant, small))
+    rendered = dev.guard(engine.device, lambda: engine.render(variant, small))
     out["render_after_oom"] = f"ok {rendered.image.size}"
     code = (
         "import sys, types, torch\n"

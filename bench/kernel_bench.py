@@ -20,12 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
-from bench import engine_only, event_ms, rel  # noqa: E402  (bench/bench.py)
-
-engine_only()
-
 import torch  # noqa: E402
 
+from bench import event_ms, rel  # noqa: E402  (bench/bench.py)
 from worker import kernels  # noqa: E402
 
 HEADS, DIM = 24, 128

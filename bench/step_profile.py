@@ -34,14 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench import Clock, engine_only, random_weights, sdpa_ms  # noqa: E402  (bench/bench.py)
-
-engine_only()
-
 import torch  # noqa: E402
 
+from bench import Clock, random_weights, sdpa_ms  # noqa: E402  (bench/bench.py)
 from worker import sampling  # noqa: E402
-from worker.chroma_model import Blocks, ChromaConfig  # noqa: E402
+from worker.blocks import Blocks  # noqa: E402
+from worker.chroma_model import ChromaConfig  # noqa: E402
 from worker.variants import BaseWeights, working_copy  # noqa: E402
 
 PATHS = {  # quantization, working copy, the blocks' q/k/v kernels

@@ -155,12 +155,7 @@ class LoraCache:
         return sum(size for _, size, _ in self._blob_stats())
 
     def _check_size(self, size: int, field: str) -> None:
-        if size > self.max_file_bytes:
-            raise InvalidLora(
-                f"LoRA file is {size} bytes; this worker accepts at most {self.max_file_bytes} bytes "
-                f"({self.max_file_bytes / 2**20:.0f} MiB)",
-                field=field,
-            )
+        check_lora_size(size, self.max_file_bytes, field)
 
     def _lookup(self, bucket: str, key: str, etag: str | None, where: str) -> CachedLora | None:
         if etag is None:  # no version tag: a re-upload could not be told apart, so always download
@@ -310,6 +305,23 @@ class LoraCache:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def check_lora_size(size: int, max_bytes: int, field: str | None) -> None:
+    """A LoRA file larger than ``max_bytes`` is refused (before any byte is read from S3)."""
+    if size > max_bytes:
+        raise InvalidLora(
+            f"LoRA file is {size} bytes; this worker accepts at most {max_bytes} bytes "
+            f"({max_bytes / 2**20:.0f} MiB)",
+            field=field,
+        )
+
+
+def check_lora_file(path: str | os.PathLike[str], max_bytes: int, field: str | None) -> None:
+    """The checks every LoRA file gets before it is parsed, wherever it came from (S3 or a local
+    folder): the size limit, then the safetensors header (``validate_safetensors_header``)."""
+    check_lora_size(os.stat(path).st_size, max_bytes, field)
+    validate_safetensors_header(path, field=field, require_tensors=True)
 
 
 def validate_safetensors_header(

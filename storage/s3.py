@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import boto3
@@ -51,13 +51,12 @@ from botocore.exceptions import (
 )
 
 from tasks.errors import LoraNotFound, StorageUnavailable, WorkerError
+from tasks.settings import AddressingStyle
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-AddressingStyle = Literal["path", "virtual", "auto"]
 
 TRANSLATED_ERRORS: tuple[type[Exception], ...] = (
     ClientError,
@@ -133,15 +132,14 @@ def make_client(
 
 
 def client_from_settings(settings: Settings) -> BaseClient:
-    """``make_client`` with the ``CHROMA_S3_*`` settings."""
-    return make_client(
-        endpoint_url=settings.s3_endpoint_url,
-        region=settings.s3_region,
-        addressing_style=settings.s3_addressing_style,
-        max_attempts=settings.s3_max_attempts,
-        connect_timeout=settings.s3_connect_timeout,
-        read_timeout=settings.s3_read_timeout,
-    )
+    """``make_client`` with the ``CHROMA_S3_*`` settings (each parameter is a setting's name
+    without its ``s3_`` prefix)."""
+    options = {
+        name.removeprefix("s3_"): getattr(settings, name)
+        for name in type(settings).model_fields
+        if name.startswith("s3_")
+    }
+    return make_client(**options)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from tasks.errors import (
     InvalidLora,
     InvalidRequest,
     LoraNotFound,
+    NonFiniteOutput,
     OutOfMemory,
     StorageUnavailable,
     TimeLimitExceeded,
@@ -17,7 +18,8 @@ from tasks.errors import (
     WorkerError,
 )
 from tasks.names import GENERATE
-from tasks.schemas import GenerationRequest, GenerationResult, Limits, resolve_prompts, validate_request
+from tasks.results import GenerationResult, Progress
+from tasks.schemas import GenerationRequest, Limits, resolve_prompts, validate_request
 from tasks.settings import Settings
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "InvalidRequest",
     "Limits",
     "LoraNotFound",
+    "NonFiniteOutput",
     "OutOfMemory",
+    "Progress",
     "Settings",
     "StorageUnavailable",
     "TimeLimitExceeded",

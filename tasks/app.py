@@ -1,10 +1,10 @@
-"""The Celery app shared by producers and workers, configured for DESIGN section 6.
+"""The Celery app shared by producers and workers, configured for at-least-once delivery.
 
 ``make_celery(settings)`` builds an app from explicit settings (tests, embedding); ``get_app()``
 builds the process-wide one from ``Settings()`` on first use. Neither connects to anything: Celery
 opens broker and backend connections lazily, on the first send, poll or worker start.
 
-Queue semantics:
+Queue semantics (docs/architecture.md, "Queue semantics"):
 
 - JSON only, both ways (no pickle): a message or a stored result that is not JSON is refused.
 - At-least-once: late acknowledgement, requeue when the worker process is lost, prefetch 1, and a
@@ -16,41 +16,24 @@ Queue semantics:
   runs one prefork pool process: the only process that touches CUDA, replaced when it dies).
 
 Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` with a
-``ProgressMeta`` dict; ``tasks.producer.wait`` and the CLI show it.
+``tasks.results.Progress`` as its meta; ``tasks.producer.wait`` and the CLI show it.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
-
 from celery import Celery
 
 from tasks.names import GENERATE
+from tasks.results import PROGRESS_STATE
 from tasks.settings import Settings
 
-PROGRESS_STATE = "PROGRESS"
+__all__ = ["PROGRESS_STATE", "get_app", "make_celery", "soft_time_limit"]
 
 # Seconds between the soft time limit (SoftTimeLimitExceeded raised in the task, which can still
 # clean up and report) and the hard one (the process is killed).
 SOFT_LIMIT_MARGIN = 60
 REDIS_HEALTH_CHECK_INTERVAL = 25
 REDIS_CONNECT_TIMEOUT = 10
-
-
-class ProgressMeta(TypedDict):
-    """The meta of a ``PROGRESS`` state. ``prompt`` is 1-based; ``stage`` names what runs now
-    (for example ``download``, ``variant``, ``encode``, ``denoise``, ``decode``, ``upload``)."""
-
-    prompt: int
-    prompts: int
-    step: int
-    steps: int
-    stage: str
-
-
-def progress_meta(prompt: int, prompts: int, step: int, steps: int, stage: str) -> ProgressMeta:
-    """The meta a task stores with ``update_state(state=PROGRESS_STATE, meta=...)``."""
-    return {"prompt": prompt, "prompts": prompts, "step": step, "steps": steps, "stage": stage}
 
 
 def soft_time_limit(hard_limit: int) -> int:

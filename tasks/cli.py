@@ -21,15 +21,18 @@ from pydantic import ValidationError
 
 from tasks.errors import InvalidRequest, WorkerError
 from tasks.producer import app_for, status, submit, wait
+from tasks.results import Progress
 from tasks.schemas import (
     DEFAULT_SEED_BASE,
     GenerationRequest,
     PromptSpec,
     effective_prompt,
+    seed_for,
     snap_size,
+    uses_guidance,
     validate_request,
 )
-from tasks.settings import Settings
+from tasks.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except ValidationError as exc:  # only Settings() raises it here: requests raise InvalidRequest
         print_error(f"settings: {describe_settings_error(exc)}")
+        return EXIT_FAILED
+    except SettingsError as exc:  # a setting this machine cannot serve (a source, the device)
+        print_error(f"settings: {exc}")
         return EXIT_FAILED
 
 
@@ -196,17 +202,31 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    args.settings = Settings()
+    settings = Settings()
     # Validate before importing the GPU side: a bad request fails fast, torch-free.
-    args.checked = validate_request(read_request(args.request), args.settings.limits)
+    request = validate_request(read_request(args.request), settings.limits)
     try:
-        from worker import local
+        from worker.local import run_local
     except ModuleNotFoundError as exc:
         print_error(
             f"run needs the worker extras (missing module {exc.name}): pip install 'chroma-worker[worker]'"
         )
         return EXIT_FAILED
-    return int(local.main_run(args))
+    bar = ProgressBar(sys.stderr)
+
+    def loading(message: str) -> None:
+        print(f"loading {message}", file=sys.stderr, flush=True)
+
+    try:
+        result = run_local(
+            request, settings, args.lora_dir, args.out, device=args.device, on_load=loading, progress=bar
+        )
+    finally:
+        bar.close()
+    for image in result.images:
+        print(f"image {image.index}: {image.uri}  seed {image.seed}  {image.width}x{image.height}")
+    print(f"result: {(args.out / 'result.json').resolve()}")
+    return EXIT_OK
 
 
 def command_worker(args: argparse.Namespace) -> int:
@@ -252,13 +272,14 @@ def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) ->
     size = f"{width}x{height}"
     if (width, height) != (spec.width, spec.height):
         size += f" (from {spec.width}x{spec.height})"
-    if spec.seed is None:
-        seed = f"seed {DEFAULT_SEED_BASE + index} (42 + index)"
-    elif spec.seed == -1:
+    resolved = seed_for(spec.seed, index)
+    if resolved is None:
         seed = "seed random (reported in the result)"
+    elif spec.seed is None:
+        seed = f"seed {resolved} ({DEFAULT_SEED_BASE} + index)"
     else:
-        seed = f"seed {spec.seed}"
-    cfg = "" if spec.guidance_scale > 1 else " (no CFG)"
+        seed = f"seed {resolved}"
+    cfg = "" if uses_guidance(spec.guidance_scale) else " (no CFG)"
     text = effective_prompt(request, spec)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{size}, {spec.sample_steps} steps, guidance {spec.guidance_scale:g}{cfg}, {seed}: {text!r}"
@@ -284,7 +305,8 @@ class ProgressBar:
         self.redraw = stream.isatty()
         self.open = False
 
-    def __call__(self, meta: dict[str, Any]) -> None:
+    def __call__(self, progress: Progress | dict[str, Any]) -> None:
+        meta = progress.as_meta() if isinstance(progress, Progress) else progress
         self.stream.write(
             ("\r" if self.redraw else "") + format_progress(meta) + ("" if self.redraw else "\n")
         )
@@ -299,7 +321,7 @@ class ProgressBar:
 
 
 def format_progress(meta: dict[str, Any]) -> str:
-    """One progress line for a ``PROGRESS_STATE`` meta (see ``tasks.app.ProgressMeta``)."""
+    """One progress line for a ``PROGRESS`` meta (``tasks.results.Progress.as_meta``)."""
     step, steps = int(meta.get("step", 0)), int(meta.get("steps", 0))
     filled = round(ProgressBar.WIDTH * step / steps) if steps > 0 else 0
     bar = "#" * filled + "." * (ProgressBar.WIDTH - filled)

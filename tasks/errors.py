@@ -5,7 +5,8 @@
     WorkerError                      code                 retried  http
     ├── InvalidRequest               invalid_request      no       422
     │   ├── InvalidLora              invalid_lora         no       422
-    │   └── LoraNotFound             lora_not_found       no       404
+    │   ├── LoraNotFound             lora_not_found       no       404
+    │   └── NonFiniteOutput          non_finite_output    no       422
     ├── TransientError               transient            yes      503
     │   └── StorageUnavailable       storage_unavailable  yes      503
     ├── DeviceError                  device_failure       no       500
@@ -62,6 +63,12 @@ class InvalidLora(InvalidRequest):
 class LoraNotFound(InvalidRequest):
     code = "lora_not_found"
     http_status = 404
+
+
+class NonFiniteOutput(InvalidRequest):
+    """The render held NaN or infinity (latents or pixels): never reported as an image."""
+
+    code = "non_finite_output"
 
 
 class TransientError(WorkerError):

@@ -21,12 +21,18 @@ from tasks.errors import InvalidRequest
 
 KNOWN_MODELS = ("chroma",)
 SIZE_MULTIPLE = 32
+MIN_SIDE = 64
+MAX_SIDE = 4096  # the hard cap; CHROMA_MAX_SIDE may lower it
+MAX_STEPS = 150  # the hard cap; CHROMA_MAX_STEPS may lower it
+MAX_GUIDANCE = 20.0
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED_BASE = 42
 MAX_SEED = 2**63 - 1
 RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the reference
+# Classifier-free guidance runs only above this scale: ai-toolkit's pipeline threshold.
+CFG_THRESHOLD = 1.00001
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
@@ -44,9 +50,9 @@ class Limits:
 
     max_prompts: int = 16
     max_loras: int = 4
-    max_steps: int = 150
-    max_side: int = 4096
-    max_pixels: int = 4096 * 4096
+    max_steps: int = MAX_STEPS
+    max_side: int = MAX_SIDE
+    max_pixels: int = MAX_SIDE * MAX_SIDE
     max_prompt_chars: int = 4000
     max_request_bytes: int = 256 * 1024
     allowed_buckets: tuple[str, ...] = ()
@@ -84,10 +90,10 @@ class PromptSpec(BaseModel):
 
     prompt: str = Field(min_length=1)
     trigger_word: str | None = None
-    width: Annotated[int, Field(ge=64, le=4096)] = DEFAULT_SIZE
-    height: Annotated[int, Field(ge=64, le=4096)] = DEFAULT_SIZE
-    sample_steps: Annotated[int, Field(ge=1, le=150)] = DEFAULT_STEPS
-    guidance_scale: Annotated[Finite, Field(ge=0.0, le=20.0)] = DEFAULT_GUIDANCE
+    width: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE)] = DEFAULT_SIZE
+    height: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE)] = DEFAULT_SIZE
+    sample_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = DEFAULT_STEPS
+    guidance_scale: Annotated[Finite, Field(ge=0.0, le=MAX_GUIDANCE)] = DEFAULT_GUIDANCE
     seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None
     neg: str = ""
     # Reference fields that have one meaning for Chroma: accepted when left at their default.
@@ -226,12 +232,9 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
     out = []
     for index, spec in enumerate(request.prompts):
         text = effective_prompt(request, spec)
-        if spec.seed is None:
-            seed = DEFAULT_SEED_BASE + index
-        elif spec.seed == -1:
+        seed = seed_for(spec.seed, index)
+        if seed is None:
             seed = secrets.randbelow(RANDOM_SEED_BOUND)
-        else:
-            seed = spec.seed
         out.append(
             ResolvedPrompt(
                 index=index,
@@ -245,6 +248,19 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
             )
         )
     return out
+
+
+def seed_for(seed: int | None, index: int) -> int | None:
+    """The seed rule: omitted -> 42 + the prompt's index; -1 -> None (a random seed, drawn when the
+    prompt is resolved and reported back); else the seed as given."""
+    if seed is None:
+        return DEFAULT_SEED_BASE + index
+    return None if seed == -1 else seed
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """Whether classifier-free guidance runs (two branches per step): above ``CFG_THRESHOLD``."""
+    return guidance_scale > CFG_THRESHOLD
 
 
 def effective_prompt(request: GenerationRequest, spec: PromptSpec) -> str:
@@ -345,48 +361,3 @@ def _describe(err: ErrorDetails) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-class ImageResult(BaseModel):
-    index: int
-    prompt: str
-    neg: str
-    width: int
-    height: int
-    sample_steps: int
-    guidance_scale: float
-    seed: int
-    key: str
-    uri: str
-    sha256: str
-    bytes: int
-    content_type: str
-
-
-class LoraResult(BaseModel):
-    path: str
-    uri: str
-    etag: str | None
-    sha256: str
-    network_multiplier: float
-    layers_merged: int
-
-
-class GenerationResult(BaseModel):
-    """result.json, also the task's return value."""
-
-    task_id: str
-    status: Literal["succeeded"] = "succeeded"
-    request: dict[str, Any]
-    images: list[ImageResult]
-    loras: list[LoraResult]
-    components: dict[str, str]
-    quantization: str
-    dtype: str
-    variant: dict[str, Any]
-    versions: dict[str, str | None]
-    timings: dict[str, float]
-    worker: dict[str, Any]
-    delivery: int
-    result_key: str
-    created_at: str

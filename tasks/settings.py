@@ -1,23 +1,86 @@
 """The one reader of environment variables: every ``CHROMA_*`` setting, typed, with safe defaults.
 
-Read once at the edge (``Settings()``), then passed down as values. Tests construct ``Settings``
-with explicit arguments instead of patching the environment. S3 credentials are not settings:
-boto3's standard chain reads them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles,
-instance roles), so they never appear in a request, a result or a log line.
+Read once at the edge (``Settings()``), then passed down as values. Every value is parsed here
+into the type the code uses (enums, tuples), and each set of allowed values is an enum defined
+here once. Tests construct ``Settings`` with explicit arguments instead of patching the
+environment. S3 credentials are not settings: boto3's standard chain reads them
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles), so they never
+appear in a request, a result or a log line.
+
+Groups of settings that a part of the system takes as one value (``Limits``, the engine's
+configuration, the S3 client's options) are dataclasses whose field names are settings names;
+``pick(cls, settings)`` fills one from the settings without copying field by field.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import enum
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from tasks.schemas import Limits
+from tasks.schemas import MAX_SIDE, MAX_STEPS, Limits
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+class Quantization(str, enum.Enum):
+    """How the transformer (and T5) weights are stored on the device."""
+
+    FLOAT8 = "float8"  # torchao float8 weight-only: the reference's numerics (default)
+    FLOAT8_FAST = "float8-fast"  # float8 activations too on the image stream: faster, LOSSY, opt-in
+    NONE = "none"  # unquantized (debugging)
+
+    @property
+    def is_float8(self) -> bool:
+        return self is not Quantization.NONE
+
+
+class DType(str, enum.Enum):
+    AUTO = "auto"  # bfloat16 on CUDA, float32 on the CPU (the reference's choice)
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Switch(str, enum.Enum):
+    """An optimisation that is on, off, or on where the machine supports it."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class TextPadding(str, enum.Enum):
+    AUTO = "auto"  # mask on the CPU, drop on CUDA
+    MASK = "mask"  # all 512 tokens with the boolean mask (bit-identical to the reference)
+    DROP = "drop"  # the attended tokens only, unmasked (same arithmetic, faster kernels)
+
+
+class Attention(str, enum.Enum):
+    """The fused attention kernel on CUDA; AUTO is PyTorch's choice."""
+
+    AUTO = "auto"
+    CUDNN = "cudnn"
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    MATH = "math"
+
+
+class NegativePrompt(str, enum.Enum):
+    """What the unconditional guidance branch encodes."""
+
+    HONOR = "honor"  # the prompt's ``neg``, as ai-toolkit's sampler does (default)
+    IGNORE = "ignore"  # always the empty prompt, as the reference inference service does
+
+
+AddressingStyle = Literal["path", "virtual", "auto"]  # how S3 requests name the bucket
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
 
 
 class Settings(BaseSettings):
@@ -26,7 +89,7 @@ class Settings(BaseSettings):
     # Queue. Passwords and TLS go in the URLs (redis://:pw@host:6379/0, rediss://...).
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
-    queue: str = "chroma"
+    queue: str = Field("chroma", min_length=1)
     task_time_limit: int = Field(3600, ge=10, description="hard limit per task, seconds (cold load included)")
     visibility_timeout: int = Field(7200, ge=20, description="Redis redelivery timeout; above the time limit")
     max_deliveries: int = Field(3, ge=1, description="a task delivered more often than this fails")
@@ -37,13 +100,13 @@ class Settings(BaseSettings):
     # Object storage.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
-    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    s3_addressing_style: AddressingStyle = "path"
     s3_max_attempts: int = Field(4, ge=1)
-    s3_connect_timeout: float = 5.0
-    s3_read_timeout: float = 60.0
+    s3_connect_timeout: float = Field(5.0, gt=0)
+    s3_read_timeout: float = Field(60.0, gt=0)
     lora_bucket: str = "loras"
     lora_prefix: str = ""
-    lora_allowed_buckets: str = ""
+    lora_allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     output_bucket: str = "outputs"
     output_prefix: str = "generations"
     lora_cache_dir: str = "~/.cache/chroma-worker/loras"
@@ -53,8 +116,8 @@ class Settings(BaseSettings):
     # Request limits.
     max_prompts: int = Field(Limits.max_prompts, ge=1)
     max_loras: int = Field(Limits.max_loras, ge=0)
-    max_steps: int = Field(Limits.max_steps, ge=1, le=150)
-    max_side: int = Field(Limits.max_side, ge=64, le=4096)
+    max_steps: int = Field(Limits.max_steps, ge=1, le=MAX_STEPS)
+    max_side: int = Field(Limits.max_side, ge=64, le=MAX_SIDE)
     max_pixels: int = Field(Limits.max_pixels, ge=64 * 64)
     max_prompt_chars: int = Field(Limits.max_prompt_chars, ge=1)
     max_request_bytes: int = Field(Limits.max_request_bytes, ge=1024)
@@ -64,38 +127,73 @@ class Settings(BaseSettings):
     text_encoder: str = "ostris/Flex.1-alpha/text_encoder_2"
     tokenizer: str = "ostris/Flex.1-alpha/tokenizer_2"
     vae: str = "ostris/Flex.1-alpha/vae"
-    quantization: Literal["float8", "float8-fast", "none"] = Field(
-        "float8",
-        description=(
-            "float8: torchao float8 weight-only, the reference's numerics (default); "
-            "float8-fast: also float8 activations on the image stream, faster but LOSSY (opt-in); "
-            "none: unquantized (debugging)"
-        ),
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Quantization = Quantization.FLOAT8
+    dtype: DType = DType.AUTO
     device: str = "auto"
     compile: bool = Field(True, description="torch.compile the transformer on CUDA")
-    warmup_sizes: str = "1024x1024"
+    warmup_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ((1024, 1024),)
     variant_cache_bytes: int = Field(0, ge=0, description="device bytes for fused variants; 0 = auto")
-    rope_axes: str = Field("", description="RoPE axis split, e.g. '16,56,56'; empty = inferred")
-    text_padding: Literal["auto", "mask", "drop"] = "auto"
+    rope_axes: Annotated[tuple[int, ...] | None, NoDecode] = None
+    text_padding: TextPadding = TextPadding.AUTO
     batch_cfg: bool = Field(True, description="run both guidance branches in one transformer pass")
-    working_copy: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="keep the variant being rendered dequantized (same arithmetic, no per-step float8 "
-        "dequantization, ~17.8 GB more at full size); auto = on with CUDA when the card has room",
-    )
-    kernels: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="each block's q/k/v preparation (bias, QK norm, RoPE, head layout) as one Triton "
-        "kernel: the same arithmetic for float8 (bf16 rounding for float8-fast's biases); "
-        "auto = on with CUDA when Triton imports",
-    )
-    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
-        "cudnn",
-        description="attention kernel on CUDA (cudnn: 612 TFLOP/s vs flash 355 on an H100 at 1024x1024); "
-        "auto = PyTorch's choice",
-    )
+    working_copy: Switch = Switch.AUTO
+    kernels: Switch = Switch.AUTO
+    attention: Attention = Attention.CUDNN
+    negative_prompt: NegativePrompt = NegativePrompt.HONOR
+
+    @field_validator("lora_allowed_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        sizes = []
+        for item in _csv(value):
+            width, sep, height = item.lower().partition("x")
+            if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+                raise ValueError(f"{item!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x1024,768x1344")
+            sizes.append((int(width), int(height)))
+        return tuple(sizes)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_in_range(cls, value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        for width, height in value:
+            if not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE):
+                raise ValueError(f"{width}x{height}: each side must be 64..{MAX_SIDE}")
+        return value
+
+    @field_validator("rope_axes", mode="before")
+    @classmethod
+    def _axes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        parts = _csv(value)
+        if not parts:
+            return None
+        if not all(part.isdigit() for part in parts):
+            raise ValueError(f"{value!r} is not a list of integers; write e.g. 16,56,56 (or leave it empty)")
+        return tuple(int(part) for part in parts)
+
+    @field_validator("rope_axes")
+    @classmethod
+    def _axes_even(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (len(value) != 3 or any(a <= 0 or a % 2 for a in value)):
+            raise ValueError(f"{value}: give three positive even integers summing to the head size")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        name = value.strip().lower()
+        kind, _, index = name.partition(":")
+        if name == "auto" or (kind in ("cpu", "cuda") and (not index or index.isdigit())):
+            return name
+        raise ValueError(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> Settings:
@@ -108,25 +206,34 @@ class Settings(BaseSettings):
 
     @property
     def allowed_buckets(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.lora_bucket, *_csv(self.lora_allowed_buckets))))
+        return tuple(dict.fromkeys((self.lora_bucket, *self.lora_allowed_buckets)))
 
     @property
     def limits(self) -> Limits:
-        return Limits(
-            max_prompts=self.max_prompts,
-            max_loras=self.max_loras,
-            max_steps=self.max_steps,
-            max_side=self.max_side,
-            max_pixels=self.max_pixels,
-            max_prompt_chars=self.max_prompt_chars,
-            max_request_bytes=self.max_request_bytes,
-            allowed_buckets=self.allowed_buckets,
-        )
+        return dataclasses.replace(pick(Limits, self), allowed_buckets=self.allowed_buckets)
 
-    @property
-    def warmup_size_list(self) -> list[tuple[int, int]]:
-        sizes = []
-        for item in _csv(self.warmup_sizes):
-            width, _, height = item.lower().partition("x")
-            sizes.append((int(width), int(height)))
-        return sizes
+
+T = TypeVar("T")
+
+
+def pick(cls: type[T], settings: Settings) -> T:
+    """A dataclass whose fields are named like settings, filled from ``settings``.
+
+    Fields that are not settings keep their defaults (``Limits.allowed_buckets``)."""
+    values = {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name in Settings.model_fields
+    }
+    return cls(**values)
+
+
+class SettingsError(ValueError):
+    """A setting this worker cannot serve (a missing file, a device or feature the machine lacks).
+
+    ``setting`` is the field name; the message names the environment variable and what to change.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"CHROMA_{setting.upper()}: {message}")
+        self.setting = setting

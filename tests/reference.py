@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoTokenizer, T5EncoderModel
 
 from worker.checkpoint import load_transformer, original_to_diffusers
-from worker.components import Sources
+from worker.sources import Sources
 
 
 class ReferenceChroma:

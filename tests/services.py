@@ -69,7 +69,7 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         argv = ["redis-server", "--bind", "127.0.0.1", "--dir", str(self.folder),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log",
-                "--databases", "64"]  # fmt: skip
+                "--databases", "128"]  # fmt: skip
         if self.ca_file is not None:
             argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self._cert_file),
                      "--tls-key-file", str(self._key_file), "--tls-ca-cert-file", str(self.ca_file),

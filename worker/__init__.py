@@ -1,10 +1,6 @@
-"""The GPU side. ``celery -A worker worker`` finds the Celery app (``app``) here.
+"""The GPU side: the task body, the Chroma engine, the variant cache, the worker's lifecycle.
 
-Importing this package builds the app from the environment and registers the task; nothing
-connects and no model loads until a pool process starts (see ``worker.lifecycle``).
+Importing this package (or any module in it but ``worker.celery``) builds no Celery app, reads no
+environment and connects to nothing. ``celery -A worker worker`` finds the app in
+``worker.celery``; the engine (``worker.engine``) runs alone, with local paths in and images out.
 """
-
-from worker import logs  # noqa: F401 (task ids in every log record)
-from worker.task import app, generate
-
-__all__ = ["app", "generate"]

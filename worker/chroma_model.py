@@ -19,22 +19,27 @@ each segment attending over its own ``[text, image]`` tokens. That is the same f
 per branch: the cond and uncond texts differ in length, so batching them any other way would need
 padding and a mask again. A segment's length is read from its RoPE tensor (``pe.shape[2]``).
 
-``Blocks`` says how the blocks run: eagerly, or through two ``torch.compile``d functions shared by
-every block of every fused variant (parameters are graph inputs, so a new variant of the same
-class and shapes reuses the compiled code; token counts are marked dynamic, so new prompt lengths
-and resolutions do not recompile).
+``worker.blocks.Blocks`` says how the blocks run (eagerly, or compiled once for every variant).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from worker.attention import (
+    image_tokens,
+    join_streams,
+    joint_attention,
+    packed_attention,
+    packed_joint_attention,
+)
+from worker.blocks import EAGER, Blocks, KernelTables
 
 APPROXIMATOR_IN = 64  # 16 timestep + 16 guidance + 32 modulation-index channels
 
@@ -169,107 +174,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, time_fact
     args = t[:, None].float() * _frequencies(dim // 2, max_period, t.device)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return embedding.to(t) if torch.is_floating_point(t) else embedding
-
-
-def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
-    omega = 1.0 / (theta**scale)
-    out = pos.to(torch.float64)[..., None] * omega
-    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
-    return out.reshape(*out.shape[:-1], 2, 2).float()
-
-
-def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """(B, L, 3) position ids -> (B, 1, L, head_dim/2, 2, 2) rotation matrices."""
-    emb = torch.cat([rope(ids[..., i], axes_dim[i], theta) for i in range(ids.shape[-1])], dim=-3)
-    return emb.unsqueeze(1)
-
-
-def apply_rope(xq: Tensor, xk: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
-    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
-    xq_out = freqs[..., 0] * xq_[..., 0] + freqs[..., 1] * xq_[..., 1]
-    xk_out = freqs[..., 0] * xk_[..., 0] + freqs[..., 1] * xk_[..., 1]
-    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None, mask: Tensor | None) -> Tensor:
-    """Joint attention; ``pe`` None means q and k are already rotated."""
-    if pe is not None:
-        q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
-
-
-def joint_attention(
-    txt_qkv: tuple[Tensor, Tensor, Tensor],
-    img_qkv: tuple[Tensor, Tensor, Tensor],
-    pes: tuple[Tensor, ...],
-    mask: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """Attention over ``[text, image]``: text (1|B, H, T, D) packed per segment, image (S|B, H, N, D)."""
-    if len(pes) == 1:
-        q, k, v = (torch.cat((t, i), dim=2) for t, i in zip(txt_qkv, img_qkv, strict=True))
-        out = attention(q, k, v, pes[0], mask)
-        split = txt_qkv[0].shape[2]
-        return out[:, :split], out[:, split:]
-    assert mask is None, "segments run without a mask (padding dropped)"
-    image_len = img_qkv[0].shape[2]
-    txt_out, img_out, start = [], [], 0
-    for s, pe in enumerate(pes):
-        length = pe.shape[2] - image_len
-        q, k, v = (
-            torch.cat((t[:, :, start : start + length], i[s : s + 1]), dim=2)
-            for t, i in zip(txt_qkv, img_qkv, strict=True)
-        )
-        out = attention(q, k, v, pe, None)
-        txt_out.append(out[:, :length])
-        img_out.append(out[:, length:])
-        start += length
-    return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
-
-
-def packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, pes: tuple[Tensor, ...], mask: Tensor | None, rotated: bool = False
-) -> Tensor:
-    """Attention over a packed single stream: segment s is the next ``pes[s].shape[2]`` tokens.
-
-    ``rotated``: q and k already carry RoPE (``kernels.qkv_heads``)."""
-    if len(pes) == 1:
-        return attention(q, k, v, None if rotated else pes[0], mask)
-    assert mask is None, "segments run without a mask (padding dropped)"
-    sizes = [pe.shape[2] for pe in pes]
-    parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), pes, strict=True)
-    return torch.cat(
-        [attention(qs, ks, vs, None if rotated else pe, None) for qs, ks, vs, pe in parts], dim=1
-    )
-
-
-def packed_joint_attention(
-    q: Tensor, k: Tensor, v: Tensor, text_lengths: list, image_len
-) -> tuple[Tensor, Tensor]:
-    """``joint_attention`` over q/k/v already rotated and packed ``[text_0, image_0, text_1, ...]``
-    (1, H, rows, D) -> text (1, T, H*D) packed, image (segments, N, H*D)."""
-    txt_out, img_out, start = [], [], 0
-    for length in text_lengths:
-        end = start + length + image_len
-        out = attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], None, None)
-        txt_out.append(out[:, :length])
-        img_out.append(out[:, length:])
-        start = end
-    return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
-
-
-# What the q/k/v kernels read besides each block's weights, made once per forward (``Blocks.tables``):
-# the packed RoPE table, and the output rows of the double block's image and text streams. None
-# where the kernels do not run, and the blocks take the plain path.
-KernelTables = tuple[Tensor, Tensor, Tensor]
-
-
-def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
-    """The segments' RoPE tables, one row per token of the packed stream: (rows, D/2, 2, 2)."""
-    return torch.cat([pe.reshape(-1, *pe.shape[-3:]) for pe in pes])
 
 
 class CastInputLinear(nn.Linear):
@@ -522,123 +426,3 @@ class ChromaTransformer(nn.Module):
             for i, block in enumerate(self.single_blocks):
                 x = blocks.single(block, x, pes, mods[:, 3 * i : 3 * i + 3], mask, tables)
         return self.final_layer(image_tokens(x, img.shape[1], pes), mods[:, -2:])
-
-
-def join_streams(txt: Tensor, img: Tensor, pes: tuple[Tensor, ...]) -> Tensor:
-    """Double-block streams -> the single-block stream ``[text_0, image_0, text_1, image_1, ...]``."""
-    if len(pes) == 1:
-        return torch.cat((txt, img), 1)
-    parts, start = [], 0
-    for s, pe in enumerate(pes):
-        length = pe.shape[2] - img.shape[1]
-        parts += [txt[:, start : start + length], img[s : s + 1]]
-        start += length
-    return torch.cat(parts, dim=1)
-
-
-def image_tokens(x: Tensor, image_len: int, pes: tuple[Tensor, ...]) -> Tensor:
-    """The image tokens of each segment of the single-block stream, stacked on the batch axis."""
-    if len(pes) == 1:
-        return x[:, x.shape[1] - image_len :]
-    parts, start = [], 0
-    for pe in pes:
-        end = start + pe.shape[2]
-        parts.append(x[:, end - image_len : end])
-        start = end
-    return torch.cat(parts, dim=0)
-
-
-# -- how blocks run ----------------------------------------------------------------------------
-
-
-def run_double(block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
-    return block(img, txt, pes, img_mod, txt_mod, mask, tables)
-
-
-def run_single(block, x, pes, mod, mask, tables=None):
-    return block(x, pes, mod, mask, tables)
-
-
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-
-
-class Blocks:
-    """Runs the transformer blocks: eagerly, or compiled once and shared by every variant.
-
-    ``compile=True`` wraps two plain functions (one per block class) in ``torch.compile``: every
-    block of every fused variant goes through the same compiled code, its weights passed as
-    inputs, so a new LoRA variant costs no recompile. Token counts are marked dynamic, so a new
-    prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
-    kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs each
-    block's q/k/v preparation as one Triton kernel (``worker.kernels``), with the tables it reads
-    made once per forward (``tables``); it needs Triton and a device it runs on.
-    """
-
-    def __init__(self, compile: bool = False, attention: str = "auto", kernels: bool = False):
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-        self.compiled = compile
-        self.attention = attention
-        self.kernels = kernels
-        if compile:
-            import torch.fx.experimental._config as fx_config
-
-            # Equal token counts (e.g. two prompts of one length) must not be fused into one symbol,
-            # or the next pair of different lengths recompiles.
-            fx_config.use_duck_shape = False
-            self._double = torch.compile(run_double, dynamic=None)
-            self._single = torch.compile(run_single, dynamic=None)
-        else:
-            self._double, self._single = run_double, run_single
-
-    def tables(self, pes: tuple[Tensor, ...], image_len, mask: Tensor | None) -> KernelTables | None:
-        """What the kernels need besides the weights, once per forward rather than per block; None
-        where they do not run: not asked for, an attention mask, a head size not a power of two."""
-        head_dim = 2 * pes[0].shape[-3]  # RoPE tables: (B, 1, tokens, D/2, 2, 2)
-        if not self.kernels or mask is not None or head_dim & (head_dim - 1):
-            return None
-        from worker.kernels import joint_rows  # imports Triton: only where the kernels run
-
-        lengths = [pe.shape[2] - image_len for pe in pes]
-        return (packed_rope(pes), *joint_rows(lengths, image_len, pes[0].device))
-
-    def double(self, block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
-        if self.compiled:
-            _mark_tokens(img, txt, *pes, tables=tables)
-        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, tables)
-
-    def single(self, block, x, pes, mod, mask, tables=None):
-        if self.compiled:
-            _mark_tokens(x, None, *pes, tables=tables)
-        return self._single(block, x, pes, mod, mask, tables)
-
-    def context(self):
-        if self.attention == "auto":
-            return nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = {
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "math": SDPBackend.MATH,
-        }
-        first = order.pop(self.attention)
-        return sdpa_kernel([first, *order.values()], set_priority=True)
-
-
-EAGER = Blocks()
-
-
-def _mark_tokens(
-    stream: Tensor, txt: Tensor | None, *pes: Tensor, tables: KernelTables | None = None
-) -> None:
-    """Token axes are dynamic: one graph serves every prompt length and resolution."""
-    mark = torch._dynamo.maybe_mark_dynamic
-    mark(stream, 1)
-    if txt is not None:
-        mark(txt, 1)
-    for pe in pes:
-        mark(pe, 2)
-    for table in tables or ():
-        mark(table, 0)

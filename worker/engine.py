@@ -2,7 +2,8 @@
 
 ``Engine.load()`` reads the LoRA-independent parts once (tokenizer, T5, VAE) and the base
 transformer weights into host memory; ``Engine.generate()`` gets (or builds) the fused variant for
-the request's LoRA stack and renders each resolved prompt.
+the request's LoRA stack and renders each resolved prompt. How each step must be computed to give
+ai-toolkit's pixels is written in docs/sampling.md; the fused variants in docs/architecture.md.
 
 Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch each off):
 ``drop_padding`` (exact: the masked padding tokens are removed, attention runs unmasked),
@@ -14,16 +15,15 @@ its float8 weight-only weights dequantized, see ``worker.variants.working_copy``
 changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
 (opt-in, lossy) adds float8 activations.
 
-Device failures are translated here: out-of-memory frees memory and fails the request (a render
-first evicts the other cached variants and tries once more); anything that leaves the CUDA context
-unusable becomes ``DeviceLost`` so the process can exit and be replaced.
+Out-of-memory frees memory and fails the request (a render first evicts the other cached variants
+and tries once more); a broken CUDA context becomes ``DeviceLost`` (``worker.device``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,74 +32,81 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tasks.errors import DeviceLost, InvalidRequest, OutOfMemory
+from tasks.errors import InvalidRequest, OutOfMemory
+from tasks.results import Progress
 from tasks.schemas import SIZE_MULTIPLE, ResolvedPrompt
-from worker import sampling
+from tasks.settings import (
+    Attention,
+    DType,
+    NegativePrompt,
+    Quantization,
+    Settings,
+    SettingsError,
+    Switch,
+    TextPadding,
+)
+from worker import device as dev
+from worker import memory, sampling
+from worker.blocks import Blocks
 from worker.checkpoint import load_transformer
-from worker.chroma_model import Blocks
-from worker.components import (
-    Sources,
-    fingerprint,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
-    quantize_float8,
-    quantizes_activations,
-    resolve,
-)
+from worker.components import load_text_encoder, load_tokenizer, load_vae, quantize_float8
 from worker.lora import ParsedLora, parse_lora
-from worker.variants import (
-    BaseWeights,
-    Variant,
-    VariantCache,
-    VariantKey,
-    timed_build,
-    working_copy,
-)
+from worker.sources import Sources, fingerprint, resolve
+from worker.variants import BaseWeights, Variant, VariantCache, VariantKey, timed_build, working_copy
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("float8", "float8-fast", "none")
-FLOAT8 = ("float8", "float8-fast")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 PARSED_LORAS_KEPT = 8
-# (prompt index, prompts, step, steps) -> None
-ProgressFn = Callable[[int, int, int, int], None]
+TEXT_EMBEDDINGS_KEPT = 16
+ProgressFn = Callable[[Progress], None]
+# What the engine says while it loads (component, what it does), for a command line to show.
+LoadReport = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The engine's settings; every field but ``sources`` is named like its ``Settings`` field."""
+
     sources: Sources
-    quantization: str = "float8"
-    dtype: str = "auto"
+    quantization: Quantization = Quantization.FLOAT8
+    dtype: DType = DType.AUTO
     device: str = "auto"
     compile: bool = True
     variant_cache_bytes: int = 0
     rope_axes: tuple[int, ...] | None = None
-    text_padding: str = "auto"  # "mask" | "drop" | "auto" (mask on the CPU, drop on CUDA)
+    text_padding: TextPadding = TextPadding.AUTO  # mask on the CPU, drop on CUDA
     batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
-    attention: str = "cudnn"  # SDPA kernel on CUDA: cudnn | flash | efficient | math | auto (PyTorch's)
-    working_copy: str = "auto"  # "on" | "off" | "auto" (on with CUDA): active variant dequantized once
-    kernels: str = "auto"  # Triton q/k/v kernels (worker.kernels): "on" | "off" | "auto" (on with CUDA)
+    attention: Attention = Attention.CUDNN  # the SDPA kernel on CUDA
+    working_copy: Switch = Switch.AUTO  # the active variant dequantized once (on with CUDA)
+    kernels: Switch = Switch.AUTO  # Triton q/k/v kernels (worker.kernels), on with CUDA and Triton
+    negative_prompt: NegativePrompt = NegativePrompt.HONOR
+
+    def __post_init__(self) -> None:
+        # Plain strings (tests, the bench) become the settings' enums; a wrong one raises here.
+        for name, kind in (
+            ("quantization", Quantization),
+            ("dtype", DType),
+            ("text_padding", TextPadding),
+            ("attention", Attention),
+            ("working_copy", Switch),
+            ("kernels", Switch),
+            ("negative_prompt", NegativePrompt),
+        ):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                choices = ", ".join(member.value for member in kind)
+                raise SettingsError(name, f"{value!r}; choose one of {choices}") from None
 
     @classmethod
-    def from_settings(cls, settings) -> EngineConfig:  # settings: tasks.settings.Settings
-        axes = tuple(int(a) for a in settings.rope_axes.split(",") if a.strip()) or None
-        return cls(
-            sources=Sources(settings.transformer, settings.text_encoder, settings.tokenizer, settings.vae),
-            quantization=settings.quantization,
-            dtype=settings.dtype,
-            device=settings.device,
-            compile=settings.compile,
-            variant_cache_bytes=settings.variant_cache_bytes,
-            rope_axes=axes,
-            text_padding=settings.text_padding,
-            batch_cfg=settings.batch_cfg,
-            attention=settings.attention,
-            working_copy=settings.working_copy,
-            kernels=settings.kernels,
-        )
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
+        return cls(sources=pick_sources(settings), **{name: getattr(settings, name) for name in names})
+
+
+def pick_sources(settings: Settings) -> Sources:
+    return Sources(settings.transformer, settings.text_encoder, settings.tokenizer, settings.vae)
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class Recipe:
     drop_padding: bool
     batch_cfg: bool
     compile: bool
-    attention: str
+    attention: Attention
     working_copy: bool = False
     kernels: bool = False
 
@@ -145,51 +152,48 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class Engine:
-    def __init__(self, config: EngineConfig):
-        if config.quantization not in QUANTIZATIONS:
-            raise ValueError(
-                f"quantization {config.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
-            )
-        self.config = config
-        self.device = _pick_device(config.device)
-        self.dtype = _pick_dtype(config.dtype, self.device)
-        if config.quantization == "float8-fast" and not _has_float8_matmul(self.device):
-            raise ValueError(
-                "quantization 'float8-fast' needs float8 matmuls (a CUDA card of compute capability 8.9 "
-                f"or newer, e.g. L4, H100) and {self.device} has none; use 'float8' (the default)"
-            )
-        if config.text_padding not in ("auto", "mask", "drop"):
-            raise ValueError(f"text_padding {config.text_padding!r}; choose auto, mask or drop")
-        if config.working_copy not in ("auto", "on", "off"):
-            raise ValueError(f"working_copy {config.working_copy!r}; choose auto, on or off")
-        if config.kernels not in ("auto", "on", "off"):
-            raise ValueError(f"kernels {config.kernels!r}; choose auto, on or off")
-        cuda = self.device.type == "cuda"
-        if config.kernels == "on" and not (cuda and _triton_available()):
-            raise ValueError(
-                f"kernels 'on' needs a CUDA device and Triton (it comes with CUDA builds of torch); "
-                f"the device is {self.device}; use 'auto' (on where they run) or 'off'"
-            )
+def make_recipe(config: EngineConfig, device: torch.device) -> Recipe:
+    """The recipe the settings ask for on this device; refuses what the device cannot run."""
+    cuda = device.type == "cuda"
+    if config.kernels is Switch.ON and not (cuda and dev.triton_available()):
+        raise SettingsError(
+            "kernels",
+            f"'on' needs a CUDA device and Triton (it comes with CUDA builds of torch) and the device is "
+            f"{device}; use 'auto' (on where they run) or 'off'",
+        )
+    padding = config.text_padding
+    return Recipe(
         # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
         # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
-        padding = config.text_padding
-        drop = padding == "drop" or (padding == "auto" and cuda)
-        self.recipe = Recipe(
-            drop_padding=drop,
-            batch_cfg=config.batch_cfg,
-            compile=config.compile and cuda,
-            attention=config.attention if cuda else "auto",  # the CUDA kernels' names mean nothing on a CPU
-            # An unquantized model has nothing to dequantize.
-            working_copy=config.quantization in FLOAT8
-            and (config.working_copy == "on" or (config.working_copy == "auto" and cuda)),
-            kernels=config.kernels == "on" or (config.kernels == "auto" and cuda and _triton_available()),
-        )
+        drop_padding=padding is TextPadding.DROP or (padding is TextPadding.AUTO and cuda),
+        batch_cfg=config.batch_cfg,
+        compile=config.compile and cuda,
+        attention=config.attention if cuda else Attention.AUTO,  # kernel names mean nothing on a CPU
+        # An unquantized model has nothing to dequantize.
+        working_copy=config.quantization.is_float8
+        and (config.working_copy is Switch.ON or (config.working_copy is Switch.AUTO and cuda)),
+        kernels=config.kernels is Switch.ON
+        or (config.kernels is Switch.AUTO and cuda and dev.triton_available()),
+    )
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = dev.pick_device(config.device)
+        self.dtype = dev.pick_dtype(config.dtype, self.device)
+        if config.quantization is Quantization.FLOAT8_FAST and not dev.has_float8_matmul(self.device):
+            raise SettingsError(
+                "quantization",
+                "'float8-fast' needs float8 matmuls (a CUDA card of compute capability 8.9 or newer, e.g. "
+                f"L4, H100) and {self.device} has none; use 'float8' (the default)",
+            )
+        self.recipe = make_recipe(config, self.device)
         self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
         self.load_seconds: dict[str, float] = {}
-        self._uncond: sampling.TextEmbedding | None = None
+        self._texts: dict[str, sampling.TextEmbedding] = {}  # recent negative prompts' embeddings
         self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
         self._working: tuple[VariantKey, torch.nn.Module] | None = None  # the active variant, dequantized
 
@@ -199,38 +203,55 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Load T5, tokenizer, VAE and the base transformer weights; idempotent."""
+    def load(self, report: LoadReport | None = None) -> None:
+        """Load T5, tokenizer, VAE and the base transformer weights; idempotent.
+
+        A source that cannot be found raises ``SettingsError`` naming its setting."""
         if self.loaded:
             return
+        say = report or (lambda _message: None)
         src = self.config.sources
         t0 = time.perf_counter()
-        paths = {
-            name: resolve(getattr(src, name)) for name in ("transformer", "text_encoder", "tokenizer", "vae")
-        }
+        paths = {}
+        for name in ("transformer", "text_encoder", "tokenizer", "vae"):
+            paths[name] = resolve(getattr(src, name), setting=name)
         self.fingerprints = {name: fingerprint(path) for name, path in paths.items()}
         t1 = time.perf_counter()
-        cfg, state = load_transformer(paths["transformer"], self.config.rope_axes)
-        self.base = BaseWeights(cfg, state, self.dtype, pin=self.device.type == "cuda")
-        del state
+        say(f"transformer: reading {describe_size(paths['transformer'])} from {paths['transformer']}")
+        try:
+            cfg, state = load_transformer(paths["transformer"], self.config.rope_axes)
+        except ValueError as exc:  # the checkpoint's shapes and the RoPE setting disagree
+            raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
+        pin = self.device.type == "cuda"
+        say(f"transformer: {'pinning' if pin else 'keeping'} the base weights in host memory")
+        self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
+        del state
+        t3 = time.perf_counter()
+        say(f"text encoder: loading {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
         self.tokenizer = load_tokenizer(paths["tokenizer"])
         self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
-        if self.config.quantization in FLOAT8:
+        if self.config.quantization.is_float8:
             quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
+        say(f"vae: loading {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()
-        self._uncond = sampling.encode_text(self.tokenizer, self.text_encoder, "")
-        self.load_seconds = {"resolve": t1 - t0, "transformer": t2 - t1, "text_vae": t3 - t2}
+        self._texts = {"": sampling.encode_text(self.tokenizer, self.text_encoder, "")}
+        self.load_seconds = {
+            "resolve": t1 - t0,
+            "weights_read": t2 - t1,
+            "pin": t3 - t2,
+            "text_vae": t4 - t3,
+        }
         self.loaded = True
         log.info(
             "engine ready on %s (%s, %s): %s; transformer %s",
             self.device,
             self.dtype,
-            self.config.quantization,
+            self.config.quantization.value,
             {k: round(v, 2) for k, v in self.load_seconds.items()},
             cfg,
         )
@@ -251,7 +272,7 @@ class Engine:
     def variant_key(self, loras: list[LoraInput]) -> VariantKey:
         return VariantKey(
             base=self.fingerprints["transformer"],
-            quantization=self.config.quantization,
+            quantization=self.config.quantization.value,
             dtype=str(self.dtype).removeprefix("torch."),
             loras=tuple((lora.sha256, float(lora.multiplier)) for lora in loras),
         )
@@ -264,14 +285,14 @@ class Engine:
         if cached is not None:
             return cached, True
         parsed = self.parse_loras(loras)
-        self._drop_working_copy()  # another variant's: it would only hold memory during the build
-        self.variants.make_room(self._estimate_bytes())
+        self._working = None  # another variant's: it would only hold memory during the build
+        self.variants.make_room(self._variant_bytes())
 
         def build() -> Variant:
             return timed_build(self.base, key, parsed, self.device)
 
         try:
-            variant = self._guard(build)
+            variant = dev.guard(self.device, build)
         except OutOfMemory:
             if not len(self.variants):
                 raise
@@ -282,7 +303,7 @@ class Engine:
             )
             self.variants.clear()
             self.release_memory()
-            variant = self._guard(build)
+            variant = dev.guard(self.device, build)
         self.variants.put(variant)
         log.info(
             "built variant in %.2fs (%d merged layers)", variant.build_seconds, sum(variant.layers_merged)
@@ -324,7 +345,7 @@ class Engine:
             if on_progress is not None:
 
                 def step_cb(step: int, total: int, _i: int = p.index) -> None:
-                    on_progress(_i, len(prompts), step, total)
+                    on_progress(Progress(_i + 1, len(prompts), step, total, "denoise"))
 
             rendered.append(self._render_or_evict(variant, p, step_cb))
         info = {
@@ -345,28 +366,50 @@ class Engine:
     def _render_or_evict(self, variant: Variant, p: ResolvedPrompt, on_step) -> Rendered:
         """Render; out of memory with other variants cached evicts them and tries once more."""
         try:
-            return self._guard(lambda: self.render(variant, p, on_step))
+            return dev.guard(self.device, lambda: self.render(variant, p, on_step))
         except OutOfMemory:
             if not self.variants.keep_only(variant.key):
                 raise
             log.warning("out of memory rendering; evicted the other cached variants and retrying")
             self.release_memory()
-            return self._guard(lambda: self.render(variant, p, on_step))
+            return dev.guard(self.device, lambda: self.render(variant, p, on_step))
+
+    def unconditional(self, p: ResolvedPrompt) -> sampling.TextEmbedding | None:
+        """The unconditional branch's text: the prompt's ``neg`` (ai-toolkit) or the empty prompt
+        (the reference service), per ``negative_prompt``; None when guidance does not run."""
+        if not sampling.uses_guidance(p.guidance_scale):
+            return None
+        text = p.neg if self.config.negative_prompt is NegativePrompt.HONOR else ""
+        return self.encode(text, keep=True)
+
+    def encode(self, text: str, keep: bool = False) -> sampling.TextEmbedding:
+        """T5 embeddings of ``text``; ``keep`` remembers a few (negative prompts repeat)."""
+        cached = self._texts.get(text)
+        if cached is not None:
+            return cached
+        embedding = sampling.encode_text(self.tokenizer, self.text_encoder, text)
+        if keep:
+            self._texts[text] = embedding
+            while len(self._texts) > TEXT_EMBEDDINGS_KEPT:
+                oldest = next(key for key in self._texts if key != "")
+                del self._texts[oldest]
+        return embedding
 
     def render(
         self, variant: Variant, p: ResolvedPrompt, on_step: sampling.StepCallback | None = None
     ) -> Rendered:
-        """One image: encode, denoise, decode."""
-        sync = self._sync
+        """One image: encode, denoise, decode. A non-finite result fails (``NonFiniteRender``)."""
         t0 = time.perf_counter()
-        cond = sampling.encode_text(self.tokenizer, self.text_encoder, p.prompt)
-        sync()
+        cond = self.encode(p.prompt)
+        uncond = self.unconditional(p)
+        dev.sync(self.device)
         t1 = time.perf_counter()
-        latents = self.denoise(variant, p, cond, on_step)
-        sync()
+        latents = self.denoise(variant, p, cond, on_step, uncond=uncond)
+        dev.sync(self.device)
         t2 = time.perf_counter()
+        sampling.check_finite(latents, "latents", p.index)
         with sampling.autocast_for(self.device, self.dtype):
-            image = sampling.decode(self.vae, latents, p.height, p.width)
+            image = sampling.decode(self.vae, latents, p.height, p.width, p.index)
         t3 = time.perf_counter()
         return Rendered(p, image, {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2})
 
@@ -377,9 +420,12 @@ class Engine:
         cond: sampling.TextEmbedding,
         on_step: sampling.StepCallback | None = None,
         recipe: Recipe | None = None,
+        uncond: sampling.TextEmbedding | None = None,
     ):
-        """The denoising loop alone -> packed latents. ``recipe`` overrides the engine's (benchmarks)."""
+        """The denoising loop alone -> packed latents. ``recipe`` overrides the engine's (benchmarks);
+        ``uncond`` defaults to ``unconditional(p)``."""
         recipe = recipe or self.recipe
+        uncond = uncond or self.unconditional(p)
         blocks = self.blocks_for(recipe)
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
@@ -397,7 +443,7 @@ class Engine:
                 model_fn,
                 latents,
                 cond,
-                self._uncond,
+                uncond,
                 p.guidance_scale,
                 scheduler,
                 self.cfg.axes_dim,
@@ -418,7 +464,7 @@ class Engine:
             return variant.model
         if self._working is not None and self._working[0] == variant.key:
             return self._working[1]
-        self._drop_working_copy()
+        self._working = None
         try:
             copy = working_copy(variant.model)
         except torch.OutOfMemoryError:
@@ -430,8 +476,13 @@ class Engine:
         self._working = (variant.key, copy)
         return copy
 
-    def _drop_working_copy(self) -> None:
+    def drop_working_copy(self) -> None:
         self._working = None
+
+    @property
+    def working_variant(self) -> VariantKey | None:
+        """The key of the variant whose working copy is held, if any."""
+        return None if self._working is None else self._working[0]
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
@@ -440,12 +491,13 @@ class Engine:
         return recipe.blocks()
 
     def warmup(
-        self, sizes: list[tuple[int, int]], steps: int = 2, guidances: tuple[float, ...] = (4.0, 1.0)
+        self, sizes: tuple[tuple[int, int], ...], steps: int = 2, guidances: tuple[float, ...] = (4.0, 1.0)
     ) -> dict[str, float]:
         """Compile and exercise the base variant so users never pay for it.
 
         Token counts are dynamic in the compiled graphs, so the first size compiles (once with
         guidance, once without) and the others only exercise the VAE and allocator at that size.
+        The negative prompt differs from the empty one, so the batched pass sees two text lengths.
         """
         self.load()
         out = {}
@@ -453,137 +505,50 @@ class Engine:
         for width, height in sizes:
             for guidance in guidances:
                 prompt = ResolvedPrompt(
-                    0, "a warm-up prompt for the compiled graphs", "", width, height, steps, guidance, 0
+                    0, "a warm-up prompt for the compiled graphs", "blurry", width, height, steps, guidance, 0
                 )
                 t0 = time.perf_counter()
-                self._guard(lambda prompt=prompt: self.render(variant, prompt))
+                dev.guard(self.device, lambda prompt=prompt: self.render(variant, prompt))
                 out[f"{width}x{height}/g{guidance:g}"] = time.perf_counter() - t0
         return out
 
-    # -- device health -----------------------------------------------------------------------
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _guard(self, fn):
-        """Run device work; map OOM to OutOfMemory (after freeing) and broken contexts to DeviceLost."""
-        try:
-            return fn()
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first: its traceback holds the failed work's tensors
-        except RuntimeError as exc:
-            if self.device.type == "cuda" and is_device_lost(exc):
-                raise DeviceLost(f"CUDA context is unusable: {exc}") from exc
-            raise
-        self.release_memory()
-        raise OutOfMemory(
-            "the request did not fit in device memory; use a smaller width/height or fewer LoRAs"
-        )
+    # -- memory ------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        dev.release_memory(self.device)
+
+    def _variant_bytes(self) -> int:
+        return memory.variant_bytes(self.base.state, self.config.quantization, self.dtype)
+
+    def _working_bytes(self) -> int:
+        return memory.working_copy_bytes(self.base.state, self.config.quantization, self.dtype)
 
     def _check_working_copy_fits(self) -> None:
         """With ``working_copy="auto"``, keep it only where the card also holds one variant and the
         reserve next to it (a 24 GB card does not); otherwise dequantize per forward as torchao does."""
-        auto = self.config.working_copy == "auto"
+        auto = self.config.working_copy is Switch.AUTO
         if not (self.recipe.working_copy and auto and self.device.type == "cuda"):
             return
         free, total = torch.cuda.mem_get_info(self.device)
-        needed = self._working_copy_bytes() + self._estimate_bytes() + self._reserve_bytes(total)
-        if free < needed:
-            log.warning(
-                "working copy off: %.1f GiB free after loading, %.1f GiB needed with one variant",
-                free / 2**30,
-                needed / 2**30,
-            )
+        if not memory.working_copy_fits(free, total, self._working_bytes(), self._variant_bytes()):
+            log.warning("working copy off: %.1f GiB free after loading is not enough", free / 2**30)
             self.recipe = dataclasses.replace(self.recipe, working_copy=False)
 
-    @staticmethod
-    def _reserve_bytes(total: int) -> int:
-        """Kept free for activations and the VAE: the larger of 8 GiB and 10% of the card."""
-        return max(8 * 2**30, total // 10)
-
     def _variant_budget(self) -> int:
-        """Device bytes for cached variants: what is free after loading, less the working copy
-        and a reserve for activations and the VAE (the larger of 8 GiB and 10% of the card)."""
         if self.config.variant_cache_bytes:
             return self.config.variant_cache_bytes
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            working = self._working_copy_bytes() if self.recipe.working_copy else 0
-            return max(free - working - self._reserve_bytes(total), self._estimate_bytes())
-        return 8 * 2**30
-
-    def _estimate_bytes(self) -> int:
-        per_weight = 1 if self.config.quantization in FLOAT8 else self.dtype.itemsize
-        return sum(t.numel() for t in self.base.state.values()) * per_weight
-
-    def _working_copy_bytes(self) -> int:
-        """Device bytes of a working copy: each float8 weight-only Linear weight in the compute dtype."""
-        if self.config.quantization not in FLOAT8:
-            return 0
-        fast = self.config.quantization == "float8-fast"
-        count = sum(
-            t.numel()
-            for name, t in self.base.state.items()
-            if name.endswith(".weight") and not (fast and quantizes_activations(name.removesuffix(".weight")))
-        )
-        return count * self.dtype.itemsize
+        if self.device.type != "cuda":
+            return memory.CPU_VARIANT_BUDGET
+        free, total = torch.cuda.mem_get_info(self.device)
+        working = self._working_bytes() if self.recipe.working_copy else 0
+        return memory.variant_budget(free, total, working, self._variant_bytes())
 
 
-DEVICE_LOST_MARKERS = (
-    "device-side assert",
-    "illegal memory access",
-    "unspecified launch failure",
-    "CUDA error: an illegal instruction",
-    "misaligned address",
-    "uncorrectable ECC",
-    "CUDA-capable device(s) is/are busy or unavailable",
-    "context is destroyed",
-)
-
-
-def is_device_lost(exc: BaseException) -> bool:
-    """A sticky CUDA error (or a failing probe) means this process can do no more device work."""
-    text = str(exc)
-    if any(marker in text for marker in DEVICE_LOST_MARKERS):
-        return True
-    return "CUDA error" in text and not probe_device()
-
-
-def probe_device() -> bool:
-    """Synchronize and run one tiny operation; False when the context is poisoned."""
-    try:
-        torch.cuda.synchronize()
-        value = (torch.ones(1, device="cuda") + 1).item()
-        return value == 2.0
-    except RuntimeError:
-        return False
-
-
-def _triton_available() -> bool:
-    from worker import kernels  # imports Triton: only when the kernels are asked for
-
-    return kernels.available()
-
-
-def _has_float8_matmul(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+def describe_size(path: Path) -> str:
+    """A file's or folder's weight bytes, for a person: ``17.8 GB``."""
+    files = list(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    if size <= 0:
+        return "0 B"
+    unit = min(int(math.log(size, 1000)), 4)
+    return f"{size / 1000**unit:.1f} {['B', 'kB', 'MB', 'GB', 'TB'][unit]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import current_task, signals
+from celery import current_task
 
 FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] [task %(task_id)s] %(name)s: %(message)s"
 
@@ -16,8 +16,8 @@ class TaskIdFilter(logging.Filter):
         return True
 
 
-@signals.after_setup_logger.connect
-def _add_task_ids(logger: logging.Logger, **_kwargs) -> None:
+def add_task_ids(logger: logging.Logger, **_kwargs) -> None:
+    """Celery's ``after_setup_logger`` receiver (connected by ``worker.celery``)."""
     for handler in logger.handlers:
         handler.addFilter(TaskIdFilter())
         handler.setFormatter(logging.Formatter(FORMAT))

@@ -69,6 +69,7 @@ class LoraLayer:
 @dataclass(frozen=True)
 class ParsedLora:
     layers: tuple[LoraLayer, ...]
+    field: str = "loras"  # the request field that named the file, for errors
 
     @property
     def num_layers(self) -> int:
@@ -140,15 +141,19 @@ def parse_lora(path: Path, cfg: ChromaConfig, *, field: str = "lora") -> ParsedL
 
     layers = [_layer(module, keys, tensors, table[module], field) for module, keys in sorted(groups.items())]
     _check_overlaps(layers, field)
-    return ParsedLora(tuple(layers))
+    return ParsedLora(tuple(layers), field)
 
 
 def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]) -> None:
     """Add every LoRA delta to ``weights`` (original names, any device) in place.
 
     The order of operations is the reference's, in the weight dtype: ``delta = B @ A``, then
-    ``W + delta * (alpha / rank * multiplier)``; float32 weights give the exact sum.
+    ``W + delta * (alpha / rank * multiplier)``; float32 weights give the exact sum. A merge whose
+    result is not finite (factors or an alpha that overflow the weight dtype) is an ``InvalidLora``
+    naming the keys: such weights would render a black image. The check costs one device sync per
+    call, not one per layer.
     """
+    merged: list[tuple[Tensor, LoraLayer, ParsedLora, float]] = []
     for parsed, multiplier in loras:
         if multiplier == 0:  # exactly the base weights, even where a delta would overflow the dtype
             continue
@@ -158,6 +163,19 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
             up = layer.up.to(rows.device, rows.dtype)
             down = layer.down.to(rows.device, rows.dtype)
             rows.copy_(rows + (up @ down) * (layer.scale * multiplier))
+            merged.append((torch.isfinite(rows).all(), layer, parsed, multiplier))
+    if not merged:
+        return
+    finite = torch.stack([ok for ok, *_ in merged]).cpu()
+    if bool(finite.all()):
+        return
+    _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
+    raise InvalidLora(
+        f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} gives NaN or infinite weights "
+        f"in {layer.target!r}: its values (or its alpha) are far outside a LoRA's usual scale; "
+        "re-export the LoRA or lower network_multiplier",
+        field=parsed.field,
+    )
 
 
 def _read(path: Path, field: str) -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
 """Text encoding, the denoising loop and decoding, as ai-toolkit samples Chroma.
 
-Every choice here changes pixels when violated (DESIGN.md section 3):
+Every choice here changes pixels when violated (docs/sampling.md gives each with its evidence):
 T5 runs on 512 padded tokens WITHOUT its attention mask; the transformer sees the real tokens plus
-one padding token; the unconditional branch is the empty string; distilled guidance is 0; the
+one padding token; the unconditional branch is the negative prompt encoded the same way (the
+engine decides which text, ``Engine.unconditional``); distilled guidance is 0; the
 timestep is ``t`` cast to the latent dtype, then divided by 1000; FlowMatch Euler with ai-toolkit's
 scheduler config and ``sigmas = linspace(1, 1/steps, steps)``; noise from a CPU generator in the
 latent dtype, shape (1, 16, H/8, W/8), packed 2x2; decode ``latents / scaling + shift``.
@@ -19,7 +20,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from worker.chroma_model import position_embedding
+from tasks.errors import NonFiniteOutput
+from tasks.schemas import uses_guidance
+from worker.attention import position_embedding
+
+__all__ = ["uses_guidance"]  # re-exported: the one guidance rule, from the contract
 
 MAX_TEXT_TOKENS = 512
 LATENT_CHANNELS = 16
@@ -142,12 +147,13 @@ def denoise(
     batch: BatchFn | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
-    """The Euler loop; classifier-free guidance runs only when guidance_scale > 1.
+    """The Euler loop; classifier-free guidance runs only where ``uses_guidance`` says so, with
+    ``uncond`` as the unconditional branch.
 
     With ``batch`` (and padding dropped) both guidance branches run in one transformer pass per
     step (``ChromaTransformer.forward_batch``): the same function, each weight read once.
     """
-    use_cfg = guidance_scale > 1.00001
+    use_cfg = uses_guidance(guidance_scale)
     txt, txt_mask = cond.for_transformer(drop_padding)
     pe = rope_for(txt.shape[1], img_ids, axes_dim)
     if use_cfg:
@@ -173,11 +179,23 @@ def denoise(
     return latents
 
 
+def check_finite(values: Tensor, what: str, index: int) -> None:
+    """A render with NaN or infinity is never an image: fail the request, naming the prompt."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteOutput(
+            f"the {what} hold NaN or infinite values: the model left the range of its number format. "
+            "Lower the LoRAs' network_multiplier or check the LoRA files (weights far outside the usual "
+            "scale do this)",
+            field=f"prompts.{index}",
+        )
+
+
 @torch.inference_mode()
-def decode(vae, latents: Tensor, height: int, width: int) -> Image.Image:
+def decode(vae, latents: Tensor, height: int, width: int, index: int = 0) -> Image.Image:
     latents = unpack(latents, height, width)
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    check_finite(image, "decoded pixels", index)
     image = (image * 0.5 + 0.5).clamp(0, 1)
     array = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
     return Image.fromarray((array * 255).round().astype("uint8"))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from worker.chroma_model import ChromaConfig, ChromaTransformer
-from worker.components import Sources
+from worker.sources import Sources
 
 # What makes a T5Config the T5 v1.1 encoder Chroma uses (the sizes are given beside it).
 T5_V1_1 = dict(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tasks.settings import Quantization
 from worker.chroma_model import CastInputLinear, ChromaConfig, ChromaTransformer
 from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
@@ -63,8 +64,9 @@ class BaseWeights:
             self.state[name] = tensor.pin_memory() if pin else tensor
 
     def build(
-        self, loras: list[tuple[ParsedLora, float]], quantization: str, device: torch.device
+        self, loras: list[tuple[ParsedLora, float]], quantization: Quantization, device: torch.device
     ) -> ChromaTransformer:
+        quantization = Quantization(quantization)
         with torch.device("meta"):
             model = ChromaTransformer(self.cfg)
         for part, module in _parts(model):
@@ -99,7 +101,7 @@ def _only(parsed: ParsedLora, prefix: str) -> ParsedLora:
     layers: tuple[LoraLayer, ...] = tuple(
         layer for layer in parsed.layers if f"{layer.target}.".startswith(prefix)
     )
-    return ParsedLora(layers)
+    return ParsedLora(layers, parsed.field)
 
 
 class DequantizedLinear(torch.nn.Linear):
@@ -221,7 +223,7 @@ def timed_build(
     device: torch.device,
 ) -> Variant:
     start = time.perf_counter()
-    model = base.build(loras, key.quantization, device)
+    model = base.build(loras, Quantization(key.quantization), device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

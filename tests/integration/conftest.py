@@ -100,7 +100,7 @@ class Stack:
         return sorted(item["Key"].removeprefix(prefix) for item in listing.get("Contents", []))
 
 
-_db = iter(range(1, 63, 2))
+_db = iter(range(1, 99, 2))  # tests/integration/test_producer.py takes 100..127
 
 
 @pytest.fixture

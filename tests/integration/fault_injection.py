@@ -2,10 +2,10 @@
 faults injected when a prompt asks for one. Nothing else differs from ``celery -A worker``.
 
 A CPU has no CUDA context to poison and no device memory to run out of, so the faults are raised
-where the engine renders one image (``Engine.render``, inside ``Engine._guard``):
+where the engine renders one image (``Engine.render``, inside ``worker.device.guard``):
 
 - ``[inject:oom]``: ``torch.OutOfMemoryError`` after allocating a buffer, as a CUDA
-  allocation failure would; ``_guard`` must turn it into ``OutOfMemory``.
+  allocation failure would; ``guard`` must turn it into ``OutOfMemory``.
 - ``[inject:device-lost-once]``: ``DeviceLost`` the first time (a marker file in
   ``$FAULT_INJECTION_DIR`` remembers it across processes); the task must exit the process.
 - ``[inject:hang]``: a generation stuck where Python cannot interrupt it (a hung kernel or
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tasks.errors import DeviceLost
-from worker import app  # noqa: F401 - the Celery app `celery -A` looks for
+from worker.celery import app  # noqa: F401 - the Celery app `celery -A` looks for
 from worker.engine import Engine
 
 OOM = "[inject:oom]"

@@ -19,7 +19,8 @@ from tests.services import SECRET_KEY
 pytestmark = pytest.mark.integration
 
 RESULT_FIELDS = {
-    "task_id", "status", "request", "images", "loras", "components", "quantization", "dtype", "variant",
+    "task_id", "status", "request", "images", "loras", "components", "quantization", "dtype",
+    "negative_prompt", "variant",
     "versions", "timings", "worker", "delivery", "result_key", "created_at",
 }  # fmt: skip
 IMAGE_FIELDS = {

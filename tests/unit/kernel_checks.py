@@ -12,7 +12,8 @@ import os
 import torch
 
 from worker import sampling
-from worker.chroma_model import Blocks, ChromaTransformer, default_axes
+from worker.blocks import Blocks
+from worker.chroma_model import ChromaTransformer, default_axes
 from worker.tiny import TINY
 from worker.variants import BaseWeights, working_copy
 

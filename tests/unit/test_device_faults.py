@@ -1,4 +1,4 @@
-"""Device faults, decided on the CPU (DESIGN.md section 6).
+"""Device faults, decided on the CPU (docs/architecture.md, "Failures").
 
 Out-of-memory fails the request with ``OutOfMemory``, frees memory and the engine goes on; a CUDA
 error that leaves the context unusable (a sticky error, or a probe that fails) becomes
@@ -18,15 +18,15 @@ import sys
 import textwrap
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tasks.errors import DeviceLost, OutOfMemory
 from tasks.schemas import ResolvedPrompt
-from worker import engine as engine_module
-from worker.engine import DEVICE_LOST_MARKERS, Engine, is_device_lost, probe_device
+from tests.s3server import free_port
+from worker import device as dev
+from worker.device import DEVICE_LOST_MARKERS, is_device_lost, probe_device
 from worker.lifecycle import DEVICE_LOST_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,10 +37,9 @@ PROMPT = ResolvedPrompt(0, "a photo of a person", "", 64, 64, 2, 4.0, 7)
 
 
 def guard_on(device: torch.device, fn, released: list | None = None):
-    """``Engine._guard`` of an engine on ``device`` (only the device and release_memory matter)."""
+    """``device.guard`` on ``device``, recording each release of memory."""
     released = released if released is not None else []
-    stub = SimpleNamespace(device=device, release_memory=lambda: released.append(gc.collect()))
-    return Engine._guard(stub, fn)
+    return dev.guard(device, fn, release=lambda: released.append(gc.collect()))
 
 
 def oom(*_args, **_kwargs):
@@ -71,9 +70,8 @@ def test_out_of_memory_frees_what_the_failed_work_held_before_releasing():
         held.append(weakref.ref(activations))
         oom()
 
-    stub = SimpleNamespace(device=CUDA, release_memory=lambda: alive_at_release.append(held[0]() is not None))
     with pytest.raises(OutOfMemory) as failed:
-        Engine._guard(stub, work)
+        dev.guard(CUDA, work, release=lambda: alive_at_release.append(held[0]() is not None))
     assert alive_at_release == [False], "empty_cache() ran while the failed work's tensors were alive"
     assert failed.value.__context__ is None  # a stored/logged error keeps no tensors alive
 
@@ -96,20 +94,20 @@ def test_after_out_of_memory_the_same_engine_renders_the_next_request(engine_fac
 
 @pytest.mark.parametrize("marker", DEVICE_LOST_MARKERS)
 def test_sticky_cuda_errors_mean_the_device_is_lost_without_probing(marker, monkeypatch):
-    monkeypatch.setattr(engine_module, "probe_device", pytest.fail)
+    monkeypatch.setattr(dev, "probe_device", pytest.fail)
     assert is_device_lost(RuntimeError(f"CUDA error: {marker} (details)"))
 
 
 @pytest.mark.parametrize("probe_ok, lost", [(True, False), (False, True)])
 def test_other_cuda_errors_are_decided_by_the_probe(probe_ok, lost, monkeypatch):
     probes = []
-    monkeypatch.setattr(engine_module, "probe_device", lambda: probes.append(1) or probe_ok)
+    monkeypatch.setattr(dev, "probe_device", lambda: probes.append(1) or probe_ok)
     assert is_device_lost(torch.AcceleratorError("CUDA error: operation not supported")) is lost
     assert probes == [1]
 
 
 def test_errors_that_are_not_cuda_errors_never_mean_the_device_is_lost(monkeypatch):
-    monkeypatch.setattr(engine_module, "probe_device", pytest.fail)
+    monkeypatch.setattr(dev, "probe_device", pytest.fail)
     for text in ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", "expected scalar type Float"):
         assert not is_device_lost(RuntimeError(text))
 
@@ -140,7 +138,7 @@ def test_a_failing_probe_says_the_context_is_poisoned(failure, monkeypatch):
 
 
 def test_guard_on_cuda_turns_a_poisoned_context_into_device_lost(monkeypatch):
-    monkeypatch.setattr(engine_module, "probe_device", lambda: False)
+    monkeypatch.setattr(dev, "probe_device", lambda: False)
 
     def work():
         raise torch.AcceleratorError(STICKY)
@@ -152,7 +150,7 @@ def test_guard_on_cuda_turns_a_poisoned_context_into_device_lost(monkeypatch):
 
 
 def test_guard_passes_other_errors_through_unchanged(monkeypatch):
-    monkeypatch.setattr(engine_module, "probe_device", lambda: True)  # the context still works
+    monkeypatch.setattr(dev, "probe_device", lambda: True)  # the context still works
 
     def recoverable():
         raise RuntimeError("CUDA error: invalid configuration argument")
@@ -165,7 +163,7 @@ def test_guard_passes_other_errors_through_unchanged(monkeypatch):
             guard_on(CUDA, fn)
         assert type(failed.value) is RuntimeError
     # On the CPU there is no context to lose: even a CUDA-looking message is not DeviceLost.
-    monkeypatch.setattr(engine_module, "probe_device", lambda: False)
+    monkeypatch.setattr(dev, "probe_device", lambda: False)
     with pytest.raises(RuntimeError) as failed:
         guard_on(CPU, lambda: (_ for _ in ()).throw(RuntimeError(STICKY)))
     assert not isinstance(failed.value, DeviceLost)
@@ -182,7 +180,8 @@ TASK_SCRIPT = textwrap.dedent(
     from celery.app.task import Task
     from celery.exceptions import SoftTimeLimitExceeded
     from tasks.errors import DeviceLost, OutOfMemory, TimeLimitExceeded
-    import worker.task as task
+    from tasks.results import Progress
+    import worker.celery as task
     from worker import lifecycle
 
     mode = sys.argv[1]
@@ -193,7 +192,7 @@ TASK_SCRIPT = textwrap.dedent(
     }
     lifecycle.count_delivery = lambda *args: 1
 
-    def load_worker(settings=None):
+    def load_runtime(settings=None):
         if mode == "lost-while-loading":
             raise DeviceLost("CUDA context is unusable: lost during warm-up")
         return SimpleNamespace(engine=SimpleNamespace(release_memory=lambda: None))
@@ -201,15 +200,16 @@ TASK_SCRIPT = textwrap.dedent(
     def update_state(*args, **kwargs):
         raise progress_failure[mode]
 
-    def worker_run(worker, request, task_id, delivery, report, info):
+    def render(runtime, request, task_id, delivery, report, info):
         if mode in progress_failure:
             Task.update_state = update_state
-            report("denoise", 0, 1, 1, 2)
+            report(Progress(1, 1, 1, 2, "denoise"))
             return {"status": "succeeded"}  # the generation went on after the progress write
         raise failure[mode]
 
-    lifecycle.load_worker = load_worker
-    task.worker_run = worker_run
+    lifecycle.load_runtime = load_runtime
+    task.render = render
+    task.stored_success = lambda *args: None
     if mode == "lost-while-loading":
         task._load_in_pool_process()
         sys.exit(0)
@@ -226,7 +226,14 @@ TASK_SCRIPT = textwrap.dedent(
 
 
 def run_task_body(mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "HOME": str(tmp_path),
+        # No server listens there: the body must decide without a broker or a result backend.
+        "CHROMA_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "CHROMA_RESULT_BACKEND": f"redis://127.0.0.1:{free_port()}/1",
+    }
     return subprocess.run(
         [sys.executable, "-c", TASK_SCRIPT, mode],
         cwd=REPO,

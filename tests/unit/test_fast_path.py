@@ -14,8 +14,8 @@ import torch
 
 from tests import loras
 from worker import sampling
+from worker.blocks import Blocks
 from worker.checkpoint import load_transformer
-from worker.chroma_model import Blocks
 from worker.lora import merge_into, parse_lora
 from worker.variants import BaseWeights
 

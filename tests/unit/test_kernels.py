@@ -130,6 +130,7 @@ def test_compiled_blocks_keep_the_kernels_in_one_graph(monkeypatch):
     from torch._dynamo.utils import counters
 
     from tests.unit.kernel_checks import joint_reference
+    from worker import blocks as blocks_module
     from worker import chroma_model, kernels, sampling
     from worker.tiny import TINY
 
@@ -138,10 +139,10 @@ def test_compiled_blocks_keep_the_kernels_in_one_graph(monkeypatch):
     monkeypatch.setattr(fx_config, "use_duck_shape", False)
     torch._dynamo.reset()
     counters.clear()
-    blocks = chroma_model.Blocks(kernels=True)
+    blocks = blocks_module.Blocks(kernels=True)
     blocks.compiled = True
-    blocks._double = torch.compile(chroma_model.run_double, backend="eager")
-    blocks._single = torch.compile(chroma_model.run_single, backend="eager")
+    blocks._double = torch.compile(blocks_module.run_double, backend="eager")
+    blocks._single = torch.compile(blocks_module.run_single, backend="eager")
     torch.manual_seed(0)
     model = chroma_model.ChromaTransformer(TINY).eval()
     graphs = []
@@ -183,7 +184,7 @@ def test_kernel_on_cuda_rounds_as_the_reference():
 def test_compiled_working_copy_with_the_kernels_on_cuda():
     """bf16, compiled, the working copy: the kernels against the plain blocks, at bf16 noise."""
     from tests.unit.kernel_checks import model_inputs
-    from worker.chroma_model import Blocks
+    from worker.blocks import Blocks
 
     _, copy, args = model_inputs(torch.device("cuda"), torch.bfloat16)
     plain = copy.forward_batch(*args, blocks=Blocks(compile=True))

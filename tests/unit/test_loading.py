@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.schemas import ResolvedPrompt
+from tasks.settings import SettingsError
 from worker.checkpoint import load_transformer, original_to_diffusers
 from worker.chroma_model import ChromaConfig, default_axes, infer_config
-from worker.components import resolve
 from worker.engine import Engine, EngineConfig
+from worker.sources import resolve
 from worker.tiny import TINY
 
 PROMPT = ResolvedPrompt(0, "a photo of a dog", "", 64, 64, 2, 4.0, 3)
@@ -104,11 +105,29 @@ def test_sources_resolve_locally_and_never_download_offline(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable once, at import: set what it consults at call time too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(Exception) as excinfo:
-        resolve("nobody-here/not-a-model/transformer.safetensors")
-    assert "offline" in str(excinfo.value).lower() or "cache" in str(excinfo.value).lower()
-    with pytest.raises(FileNotFoundError):
-        resolve("./missing/model.safetensors")
+    with pytest.raises(SettingsError) as excinfo:
+        resolve("nobody-here/not-a-model/transformer.safetensors", setting="transformer")
+    message = str(excinfo.value)
+    assert message.startswith("CHROMA_TRANSFORMER: ") and "not in the local Hugging Face cache" in message
+    assert "\n" not in message and "tiny-model" in message
+    with pytest.raises(SettingsError, match="^CHROMA_VAE: './missing/vae' is neither an existing path"):
+        resolve("./missing/vae", setting="vae")
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_setting(tmp_path, monkeypatch):
+    """Online mode but no network: one quick probe, then one line, not the hub client's retries."""
+    import time
+
+    from worker import sources
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(sources, "HUB_HOST", "127.0.0.1")  # nothing listens on 443 here
+    start = time.monotonic()
+    expected = "^CHROMA_TEXT_ENCODER: 'org/repo/text_encoder' is not in the local"
+    with pytest.raises(SettingsError, match=expected):
+        resolve("org/repo/text_encoder", setting="text_encoder")
+    assert time.monotonic() - start < sources.HUB_PROBE_SECONDS + 2
 
 
 def test_dtype_and_device_defaults(tiny_sources):
@@ -116,7 +135,7 @@ def test_dtype_and_device_defaults(tiny_sources):
     assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert engine.dtype == (torch.bfloat16 if engine.device.type == "cuda" else torch.float32)
     assert engine.drop_padding is (engine.device.type == "cuda")
-    with pytest.raises(ValueError, match="quantization"):
+    with pytest.raises(ValueError, match="CHROMA_QUANTIZATION: 'int4'; choose one of"):
         Engine(EngineConfig(tiny_sources, quantization="int4"))
     with pytest.raises(ValueError, match="float8-fast.*use 'float8'"):
         Engine(EngineConfig(tiny_sources, quantization="float8-fast", device="cpu"))

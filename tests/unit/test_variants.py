@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from tasks.schemas import ResolvedPrompt
+from tasks.settings import Quantization
 from tests import loras
-from worker import checkpoint
+from worker import checkpoint, memory
 from worker.checkpoint import linear_map
-from worker.components import Sources
 from worker.engine import Engine, EngineConfig, LoraInput
+from worker.sources import Sources
 from worker.variants import DequantizedLinear, working_copy
 
 PROMPT = ResolvedPrompt(0, "sks a photo of a person", "", 64, 64, 2, 4.0, 42)
@@ -208,7 +209,8 @@ def test_working_copy_renders_the_same_pixels_and_follows_the_active_variant(tin
     second, _ = on.get_variant([lora_input(lora_files["b"])])
     gc.collect()
     assert old() is None, "the previous working copy is freed before the next variant is built"
-    assert on.model_for(second) is on._working[1] and on._working[0] == second.key
+    kept = on.model_for(second)
+    assert on.working_variant == second.key and on.model_for(second) is kept
     plain, _ = off.get_variant(stack)
     assert off.model_for(plain) is plain.model
 
@@ -227,14 +229,14 @@ def test_working_copy_falls_back_to_per_forward_dequantization_when_it_does_not_
 
     monkeypatch.setattr(engine_module, "working_copy", no_room)
     assert engine.model_for(variant) is variant.model
-    assert engine._working is None
+    assert engine.working_variant is None
 
 
 def test_an_unquantized_model_keeps_no_working_copy_reference(tiny_sources):
     engine = private_engine(tiny_sources, working_copy="on")
     variant, _ = engine.get_variant([])
     assert engine.model_for(variant) is variant.model
-    assert engine._working is None, "an evicted unquantized variant must not be kept alive"
+    assert engine.working_variant is None, "an evicted unquantized variant must not be kept alive"
 
 
 def test_fast_mode_quantizes_the_activations_of_the_image_stream_only():
@@ -260,57 +262,53 @@ def test_fast_mode_quantizes_the_activations_of_the_image_stream_only():
         assert not quantizes_activations(name), name
 
 
-def test_budget_leaves_room_for_the_working_copy_and_the_reserve(tiny_sources, monkeypatch):
+def test_budget_leaves_room_for_the_working_copy_and_the_reserve(tiny_sources):
     """On CUDA: free memory after loading, less the working copy, less max(8 GiB, 10% of the card);
-    with "auto", the working copy stays off when the card cannot also hold one variant."""
-    engine = Engine(EngineConfig(tiny_sources, quantization="float8", dtype="bfloat16", working_copy="auto"))
+    the working copy fits only where the card also holds one variant and the reserve."""
+    engine = Engine(EngineConfig(tiny_sources, quantization="float8", dtype="bfloat16", working_copy="on"))
     engine.load()
     variant, _ = engine.get_variant([])
     copy = working_copy(variant.model)
     dequantized = sum(
         m.weight.numel() * m.weight.element_size() for m in copy.modules() if isinstance(m, DequantizedLinear)
     )
-    assert engine._working_copy_bytes() == dequantized
+    state = engine.base.state
+    assert memory.working_copy_bytes(state, Quantization.FLOAT8, torch.bfloat16) == dequantized
+    assert memory.working_copy_bytes(state, Quantization.NONE, torch.bfloat16) == 0
+    one = memory.variant_bytes(state, Quantization.FLOAT8, torch.bfloat16)
+    assert one == sum(t.numel() for t in state.values())
     gib = 2**30
-    engine.device = torch.device("cuda")
-    engine.recipe = replace(engine.recipe, working_copy=True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
-    assert engine._variant_budget() == 60 * gib - dequantized - 8 * gib
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
-    assert engine._variant_budget() == 100 * gib - dequantized - 14 * gib
-    engine._check_working_copy_fits()
-    assert engine.recipe.working_copy
-    need = dequantized + engine._estimate_bytes() + 8 * gib
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 24 * gib))
-    engine._check_working_copy_fits()
-    assert not engine.recipe.working_copy
-    assert engine._variant_budget() == max(need - 1 - 8 * gib, engine._estimate_bytes())
+    assert memory.variant_budget(60 * gib, 80 * gib, dequantized, one) == 60 * gib - dequantized - 8 * gib
+    assert memory.variant_budget(100 * gib, 140 * gib, dequantized, one) == 100 * gib - dequantized - 14 * gib
+    assert memory.variant_budget(gib, 24 * gib, dequantized, one) == one, "room for one variant at least"
+    need = dequantized + one + 8 * gib
+    assert memory.working_copy_fits(need, 24 * gib, dequantized, one)
+    assert not memory.working_copy_fits(need - 1, 24 * gib, dequantized, one)
 
 
 def test_working_copy_setting_is_checked(tiny_sources):
-    with pytest.raises(ValueError, match="working_copy"):
+    with pytest.raises(ValueError, match="CHROMA_WORKING_COPY"):
         Engine(EngineConfig(tiny_sources, working_copy="sometimes"))
 
 
 def test_kernels_setting_runs_them_only_where_they_can_run(tiny_sources, monkeypatch):
-    from worker import engine as engine_module
     from worker import kernels
+    from worker.engine import make_recipe
 
     def recipe(device: str, kernels_setting: str) -> bool:
-        return Engine(EngineConfig(tiny_sources, device=device, kernels=kernels_setting)).recipe.kernels
+        config = EngineConfig(tiny_sources, kernels=kernels_setting)
+        return make_recipe(config, torch.device(device)).kernels  # nothing here touches a card
 
     assert not recipe("cpu", "auto")  # the kernels run on CUDA only
-    with pytest.raises(ValueError, match="kernels 'on' needs a CUDA device and Triton"):
+    with pytest.raises(ValueError, match="CHROMA_KERNELS: 'on' needs a CUDA device and Triton"):
         recipe("cpu", "on")
-    with pytest.raises(ValueError, match="kernels 'sometimes'; choose auto, on or off"):
+    with pytest.raises(ValueError, match="CHROMA_KERNELS: 'sometimes'; choose one of auto, on, off"):
         recipe("cpu", "sometimes")
-    # A CUDA device as the engine sees it (nothing here touches the card).
-    monkeypatch.setattr(engine_module, "_pick_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(kernels, "available", lambda: True)
     assert recipe("cuda", "auto") and recipe("cuda", "on") and not recipe("cuda", "off")
     monkeypatch.setattr(kernels, "available", lambda: False)  # a CUDA build without Triton
     assert not recipe("cuda", "auto")
-    with pytest.raises(ValueError, match="kernels 'on' needs a CUDA device and Triton"):
+    with pytest.raises(ValueError, match="CHROMA_KERNELS: 'on' needs a CUDA device and Triton"):
         recipe("cuda", "on")
 
 

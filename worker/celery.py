@@ -1,44 +1,72 @@
-"""The Celery task: validate, bound deliveries, call ``run_job``, report progress, map errors.
+"""The Celery side of the worker; ``celery -A worker worker`` finds ``app`` here.
 
-A delivery of a task that already succeeded (its acknowledgement was lost) returns the stored
-result without generating again. Progress writes are advisory: a broker/backend outage delays them
-(bounded retries) but never fails the generation.
+Importing this module reads the settings (the environment), builds the app and registers the
+task; nothing connects and no model loads until the worker starts. The parent checks its settings
+before it consumes (``worker.preflight``); the single pool process loads the model
+(``worker_process_init``) and is the only one that touches CUDA.
+
+The task body: return a stored success (its acknowledgement was lost), count and bound the
+deliveries, validate, render (``worker.render.render_request``) with S3 in and out, map errors.
+Progress writes are advisory: a backend outage delays them (bounded retries) but never fails the
+generation.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+from dataclasses import replace
+from typing import Any
 
 from celery import signals, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.app import PROGRESS_STATE, get_app, progress_meta
+from tasks.app import PROGRESS_STATE, make_celery
 from tasks.errors import DeliveryLimitExceeded, DeviceLost, TimeLimitExceeded, TransientError
 from tasks.names import GENERATE
-from tasks.schemas import validate_request
-from tasks.settings import Settings
-from worker import lifecycle
+from tasks.results import Progress
+from tasks.schemas import GenerationRequest, validate_request
+from tasks.settings import Settings, SettingsError
+from worker import lifecycle, logs, preflight
 
 log = logging.getLogger(__name__)
 BACKEND_RETRIES = 30  # jittered exponential backoff capped at 10 s: a minute or two of outage
-app = get_app()
+
 settings = Settings()
+app = make_celery(settings)
 # Worker side only: a state or result written while Redis restarts waits for it to come back
 # (bounded) instead of failing the task; producers keep failing fast (tasks.producer).
 app.conf.update(result_backend_always_retry=True, result_backend_max_retries=BACKEND_RETRIES)
+signals.after_setup_logger.connect(logs.add_task_ids)
+
+
+@signals.worker_init.connect
+def _check_settings(**_kwargs: Any) -> None:
+    """In the parent, before the pool starts and before anything is consumed."""
+    try:
+        preflight.check(settings)
+    except SettingsError as exc:
+        lifecycle.exit_for_settings(str(exc), from_pool=False)
 
 
 @signals.worker_process_init.connect
-def _load_in_pool_process(**_kwargs) -> None:
+def _load_in_pool_process(**_kwargs: Any) -> None:
     try:
-        lifecycle.load_worker(settings)
+        lifecycle.load_runtime(settings)
     except DeviceLost as exc:  # e.g. during warm-up: this process can do no device work
         lifecycle.exit_for_device_loss(str(exc))
+    except SettingsError as exc:  # something only the device could tell: stop the whole worker
+        lifecycle.exit_for_settings(str(exc), from_pool=True)
     except Exception:
         # Tasks will see the error as transient and go back to the queue for another worker.
         log.exception("worker failed to load its model")
+
+
+@signals.worker_shutdown.connect
+def _exit_code(**_kwargs: Any) -> None:
+    lifecycle.exit_if_settings_failed()
 
 
 @app.task(
@@ -66,38 +94,64 @@ def generate(self, request: dict) -> dict:
         )
     checked = validate_request(request, settings.limits)
     try:
-        worker = lifecycle.load_worker(settings)
+        runtime = lifecycle.load_runtime(settings)
     except DeviceLost as exc:
         lifecycle.exit_for_device_loss(str(exc))
         raise
     except Exception as exc:
         raise TransientError(f"worker could not load its model: {type(exc).__name__}") from exc
 
-    def report(stage: str, index: int, total: int, step: int, steps: int) -> None:
+    host = self.request.hostname or socket.gethostname()
+
+    def report(progress: Progress) -> None:
         try:
-            self.update_state(state=PROGRESS_STATE, meta=progress_meta(index + 1, total, step, steps, stage))
+            self.update_state(state=PROGRESS_STATE, meta=replace(progress, host=host).as_meta())
         except SoftTimeLimitExceeded:
             raise  # the time limit fired during the write: it must still stop the task
         except Exception as exc:  # noqa: BLE001 - progress is advisory; the generation goes on
             log.warning("task %s: progress not stored (%s: %s)", task_id, type(exc).__name__, exc)
 
     info = {
-        "celery_hostname": self.request.hostname,
+        "celery_hostname": host,
         "pid": os.getpid(),
         "retries": self.request.retries,
         "started_at": started_at,
     }
     try:
-        return worker_run(worker, checked, task_id, delivery, report, info)
+        return render(runtime, checked, task_id, delivery, report, info)
     except DeviceLost as exc:
         lifecycle.exit_for_device_loss(str(exc))
         raise
     except SoftTimeLimitExceeded:
-        worker.engine.release_memory()
+        runtime.engine.release_memory()
         raise TimeLimitExceeded(
             f"generation ran past the {settings.task_time_limit}s time limit and was stopped; "
             "send fewer prompts, fewer steps or smaller images"
         ) from None
+
+
+def render(runtime, request: GenerationRequest, task_id: str, delivery: int, report, info) -> dict:
+    """``render_request`` with LoRAs from S3 and outputs to S3, as JSON."""
+    from worker.render import S3Loras, S3Outputs, render_request
+
+    log.info(
+        "task %s: delivery %d, %d prompts, %d LoRAs",
+        task_id,
+        delivery,
+        len(request.prompts),
+        len(request.loras),
+    )
+    result = render_request(
+        runtime.engine,
+        request,
+        task_id=task_id,
+        loras=S3Loras(runtime.s3, runtime.lora_cache, runtime.settings),
+        sink=S3Outputs(runtime.s3, runtime.settings, task_id),
+        progress=report,
+        delivery=delivery,
+        worker=info,
+    )
+    return result.model_dump(mode="json")
 
 
 def stored_success(backend, task_id: str | None) -> dict | None:
@@ -110,16 +164,3 @@ def stored_success(backend, task_id: str | None) -> dict | None:
         log.warning("task %s: could not read its stored state (%s)", task_id, type(exc).__name__)
         return None
     return meta["result"] if meta.get("status") == states.SUCCESS else None
-
-
-def worker_run(worker, request, task_id, delivery, report, info):
-    from worker.job import run_job
-
-    log.info(
-        "task %s: delivery %d, %d prompts, %d LoRAs",
-        task_id,
-        delivery,
-        len(request.prompts),
-        len(request.loras),
-    )
-    return run_job(worker, request, task_id=task_id, delivery=delivery, report=report, worker_info=info)
