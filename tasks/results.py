@@ -102,6 +102,7 @@ class GenerationResult(_Result):
     quantization: str
     dtype: str
     negative_prompt: str
+    preview: bool = False
     variant: VariantResult
     versions: dict[str, str | None]
     timings: dict[str, float]

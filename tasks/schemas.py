@@ -125,6 +125,9 @@ class GenerationRequest(BaseModel):
     loras: list[LoraSpec] = Field(default_factory=list)
     trigger_word: str | None = None
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    # True: render as ai-toolkit's training preview (quanto float8 base, LoRAs unmerged); null: the
+    # worker's default (CHROMA_PREVIEW). See docs/sampling.md.
+    preview: bool | None = None
     # Secrets never travel in requests: workers read hub tokens from their environment.
     hf_token: None = None
     kv_cache: None = None

@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     kernels: Switch = Switch.AUTO
     attention: Attention = Attention.CUDNN
     negative_prompt: NegativePrompt = NegativePrompt.HONOR
+    preview: bool = Field(False, description="requests render as ai-toolkit's training preview by default")
 
     @field_validator("lora_allowed_buckets", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ backend, exactly as a worker process would.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
 import time
@@ -35,7 +36,7 @@ from tasks.settings import Settings
 from tests.cli import BAD_WIDTH, REFERENCE, REQUESTS, run_cli
 
 pytestmark = pytest.mark.integration
-_databases = iter(range(100, 128, 2))  # make_stack takes 1..99
+_databases = itertools.cycle(range(100, 128, 2))  # flushed around each test; make_stack takes 1..99
 
 
 @pytest.fixture
