@@ -14,8 +14,9 @@ import logging
 from typing import Any
 
 from botocore.client import BaseClient
+from botocore.exceptions import ClientError
 
-from storage.s3 import storage_errors, strip_etag
+from storage.s3 import is_missing_key, storage_errors, strip_etag
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,19 @@ def upload_bytes(client: BaseClient, bucket: str, key: str, data: bytes, content
     etag = strip_etag(response.get("ETag"))
     logger.info("uploaded s3://%s/%s (%d bytes, %s)", bucket, key, len(data), content_type)
     return etag or ""
+
+
+def download_bytes(client: BaseClient, bucket: str, key: str) -> bytes | None:
+    """The object at ``s3://bucket/key``, or None when there is no such key."""
+    with storage_errors("download", bucket, key):
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if is_missing_key(exc):
+                return None
+            raise
+        data: bytes = response["Body"].read()
+        return data
 
 
 def upload_result(client: BaseClient, bucket: str, key: str, result: dict[str, Any]) -> str:

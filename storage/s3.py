@@ -210,6 +210,12 @@ def storage_error(
     )
 
 
+def is_missing_key(exc: ClientError) -> bool:
+    """A read that found no object at the key (the bucket exists)."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
 def strip_etag(etag: object) -> str | None:
     """An ETag header value without its quotes; None when the server sent none."""
     if not isinstance(etag, str) or not etag:

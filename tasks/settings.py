@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     dtype: DType = DType.AUTO
     device: str = "auto"
     compile: bool = Field(True, description="torch.compile the transformer on CUDA")
+    compile_cache_dir: str = "~/.cache/chroma-worker/compile"
+    compile_cache_uri: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket/prefix"
+    )
     warmup_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ((1024, 1024),)
     variant_cache_bytes: int = Field(0, ge=0, description="device bytes for fused variants; 0 = auto")
     rope_axes: Annotated[tuple[int, ...] | None, NoDecode] = None

@@ -1,14 +1,21 @@
-"""Shared fixtures: the tiny random Chroma (written once per session) and engines over it."""
+"""Shared fixtures: the tiny random Chroma (written once per session) and engines over it.
+
+Every test starts without ``CHROMA_*`` variables: tests pass settings as values, so a developer's
+own environment never changes what a test sees.
+"""
 
 from __future__ import annotations
 
-import warnings
+import os
 from pathlib import Path
 
 import pytest
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+@pytest.fixture(autouse=True)
+def no_chroma_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("CHROMA_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

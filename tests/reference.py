@@ -3,7 +3,7 @@
 Built from other parts than the engine: diffusers' own ``ChromaTransformer2DModel`` (fed a
 BOOLEAN mask over all 512 text tokens, as ai-toolkit's module masks them), diffusers' scheduler
 driven through ``retrieve_timesteps`` as ai-toolkit's pipeline does, diffusers' randn_tensor and
-image post-processor. Each fact of DESIGN.md section 3 is written out here a second time.
+image post-processor. Each fact of docs/sampling.md is written out here a second time.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ also fences a stale delivery (a worker that was presumed lost and came back) out
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,11 +26,12 @@ from typing import TYPE_CHECKING
 import redis
 from botocore.client import BaseClient
 
-from storage import LoraCache, client_from_settings
-from tasks.errors import TransientError
+from storage import LoraCache, client_from_settings, download_bytes, upload_bytes
+from tasks.errors import TransientError, WorkerError
 from tasks.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported by the pool process only, when it loads
+    from worker.compile_cache import CompileCache
     from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,11 @@ class Runtime:
 
 
 def load_runtime(settings: Settings) -> Runtime:
-    """Build the process's Runtime (engine loaded and warmed up, storage ready); once per process."""
+    """Build the process's Runtime (engine loaded and warmed up, storage ready); once per process.
+
+    Logs one ``chroma-startup {json}`` line with where the start went (seconds): resolve,
+    weights_read, pin, text_vae, variant_build, compile_warmup, total, and compile_cache
+    (warm / cold / remote / off)."""
     global _runtime
     with _lock:
         if _runtime is not None:
@@ -61,20 +67,74 @@ def load_runtime(settings: Settings) -> Runtime:
 
         start = time.perf_counter()
         engine = Engine(EngineConfig.from_settings(settings))
+        s3 = client_from_settings(settings)
+        warm_up = engine.device.type == "cuda" and bool(settings.warmup_sizes)
+        cache = compile_cache_for(settings, engine, s3) if engine.recipe.compile else None
         engine.load()
-        figures = dict(engine.load_seconds)
-        if engine.device.type == "cuda" and settings.warmup_sizes:
+        figures: dict[str, float | str] = dict(engine.load_seconds)
+        if warm_up:
             t0 = time.perf_counter()
             variant_build = engine.get_variant([])[0].build_seconds
             warm = engine.warmup(settings.warmup_sizes)
             figures["variant_build"] = variant_build
             figures["compile_warmup"] = time.perf_counter() - t0 - variant_build
             log.info("warm-up: %s", {k: round(v, 2) for k, v in warm.items()})
-        cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
-        _runtime = Runtime(settings, engine, client_from_settings(settings), cache)
+        if cache is not None:
+            figures["compile_cache"] = cache_state(cache)
+            if warm_up and not cache.warm:
+                keep_compiled(settings, cache, s3)
+        lora_cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
+        _runtime = Runtime(settings, engine, s3, lora_cache)
         figures["total"] = time.perf_counter() - start
-        log.info("%s %s", STARTUP_LOG_PREFIX, json.dumps({k: round(v, 2) for k, v in figures.items()}))
+        rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
+        log.info("%s %s", STARTUP_LOG_PREFIX, json.dumps(rounded))
         return _runtime
+
+
+def compile_cache_for(settings: Settings, engine: Engine, s3: BaseClient) -> CompileCache:
+    """The keyed compile cache, filled from object storage when it is empty here and a copy is
+    kept there (``CHROMA_COMPILE_CACHE_URI``)."""
+    from worker import compile_cache
+
+    cache = compile_cache.activate(settings.compile_cache_dir, engine.device)
+    if cache.warm or settings.compile_cache_uri is None:
+        return cache
+    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
+    try:
+        data = download_bytes(s3, bucket, key)
+    except WorkerError as exc:  # storage down: compile instead of failing the start
+        log.warning("compile artifacts not fetched (%s); compiling", exc)
+        return cache
+    if data is not None:
+        compile_cache.import_artifacts(data)
+        log.info("compile artifacts loaded from s3://%s/%s (%d bytes)", bucket, key, len(data))
+        return dataclasses.replace(cache, remote=True)
+    return cache
+
+
+def keep_compiled(settings: Settings, cache: CompileCache, s3: BaseClient) -> None:
+    """After a cold warm-up: keep torch's portable artifacts beside the cache, and in object
+    storage when configured, for the next worker of the same versions."""
+    from worker import compile_cache
+
+    data = compile_cache.export(cache)
+    if data is None or settings.compile_cache_uri is None or cache.remote:
+        return
+    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
+    try:
+        upload_bytes(s3, bucket, key, data, "application/octet-stream")
+    except WorkerError as exc:
+        log.warning("compile artifacts not stored in s3://%s/%s: %s", bucket, key, exc)
+
+
+def remote_artifacts(uri: str, cache_key: str) -> tuple[str, str]:
+    """(bucket, key) of a compile key's artifacts under ``s3://bucket/prefix``."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, "/".join(part for part in (prefix.strip("/"), f"{cache_key}.bin") if part)
+
+
+def cache_state(cache: CompileCache) -> str:
+    return "warm" if cache.warm else "remote" if cache.remote else "cold"
 
 
 @functools.cache

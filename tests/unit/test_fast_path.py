@@ -144,25 +144,6 @@ def test_working_copy_leaves_an_unquantized_model_alone(base):
     assert working_copy(plain) is plain
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float8 activations need a CUDA card (sm >= 8.9)")
-def test_working_copy_keeps_float8_activation_layers(base):
-    """float8-fast: the image stream keeps its float8 matmuls; only weight-only layers dequantize."""
-    from worker.chroma_model import CastInputLinear
-    from worker.variants import DequantizedLinear, is_weight_only_float8, working_copy
-
-    fast = base.build([], "float8-fast", torch.device("cuda"))
-    copy = working_copy(fast)
-    block = copy.double_blocks[0]
-    assert block.img_attn.qkv.weight is fast.double_blocks[0].img_attn.qkv.weight  # shared, float8
-    assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(
-        block.img_attn.qkv.weight
-    )
-    assert type(block.img_attn.qkv) is CastInputLinear
-    assert type(block.txt_attn.qkv) is DequantizedLinear  # the text stream is weight-only
-    assert type(copy.single_blocks[0].linear1) is CastInputLinear
-    assert type(copy.distilled_guidance_layer.in_proj) is DequantizedLinear
-
-
 def test_float8_activation_layers_take_bf16_inputs_and_stay_so_in_the_working_copy(base):
     """float8-fast's image-stream layers cast their input to the weights' dtype, so the float8
     matmul quantizes bf16 activations and writes bf16; the working copy keeps them as they are."""

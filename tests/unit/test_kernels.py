@@ -158,36 +158,3 @@ def test_compiled_blocks_keep_the_kernels_in_one_graph(monkeypatch):
             graphs.append(counters["stats"]["unique_graphs"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs == [2, 2, 2], f"unique graphs after each shape: {graphs}"
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA")
-@torch.inference_mode()
-def test_kernel_on_cuda_rounds_as_the_reference():
-    from tests.unit.kernel_checks import joint_inputs, joint_reference, kernel_inputs, rel
-    from worker import kernels
-
-    args = [
-        a.cuda() if isinstance(a, torch.Tensor) else a
-        for a in kernel_inputs(torch.bfloat16, heads=24, dim=128)
-    ]
-    got, want = kernels.qkv_heads(*args), kernels.reference(*args)
-    assert rel(got, want) < 2e-3
-    assert (got != want).float().mean() < 0.02  # a last-bit difference where a multiply-add contracts
-    joint = [a.cuda() if isinstance(a, torch.Tensor) else a for a in joint_inputs(torch.bfloat16, 24, 128)]
-    got, want = kernels.joint_qkv_heads(*joint), joint_reference(*joint)
-    assert rel(got, want) < 2e-3
-    assert (got != want).float().mean() < 0.02
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA")
-@torch.inference_mode()
-def test_compiled_working_copy_with_the_kernels_on_cuda():
-    """bf16, compiled, the working copy: the kernels against the plain blocks, at bf16 noise."""
-    from tests.unit.kernel_checks import model_inputs
-    from worker.blocks import Blocks
-
-    _, copy, args = model_inputs(torch.device("cuda"), torch.bfloat16)
-    plain = copy.forward_batch(*args, blocks=Blocks(compile=True))
-    torch._dynamo.reset()
-    fused = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
-    assert rel(fused, plain) < 2e-2

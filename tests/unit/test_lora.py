@@ -1,4 +1,5 @@
-"""DESIGN.md section 4: LoRA files parse in three layouts, merge exactly, stack, and fail loudly.
+"""docs/sampling.md, "LoRA and float8": LoRA files parse in three layouts, merge exactly, stack,
+and fail loudly.
 
 The LoRA files are built in code by ``tests.loras``. The exactness checks merge by hand in
 diffusers' module space (``W_d += scale * B_d @ A_d``), where a fused ``qkv`` or ``linear1`` is

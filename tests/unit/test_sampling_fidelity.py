@@ -1,4 +1,4 @@
-"""DESIGN.md section 3: the engine's image equals ai-toolkit's for the same weights and request.
+"""docs/sampling.md: the engine's image equals ai-toolkit's for the same weights and request.
 
 The end-to-end checks compare against ``tests.reference`` (diffusers' own Chroma transformer with a
 boolean mask over all 512 tokens, driven like ai-toolkit's pipeline). The per-fact checks below

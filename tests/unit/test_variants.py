@@ -1,5 +1,5 @@
-"""DESIGN.md section 4: fused variants are cached by LoRA stack, evicted LRU, built from resident
-weights, share T5/VAE, and are quantized after the merge."""
+"""docs/architecture.md, "Variants and memory": fused variants are cached by LoRA stack, evicted
+LRU, built from resident weights, share T5/VAE, and are quantized after the merge."""
 
 from __future__ import annotations
 
