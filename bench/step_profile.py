@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench import Clock, engine_only, random_weights, sdpa_ms  # noqa: E402  (bench/bench.py)
+from bench import Clock, engine_only, sdpa_ms  # noqa: E402  (bench/bench.py)
 
 engine_only()
 
 import torch  # noqa: E402
+from weights import random_weights  # noqa: E402  (bench/weights.py)
 
 from worker import sampling  # noqa: E402
 from worker.chroma_model import Blocks, ChromaConfig  # noqa: E402
