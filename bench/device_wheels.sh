@@ -11,6 +11,7 @@
 #   bench/device_wheels.sh [DIR]      (default .whl; needs pip, and apt-get for the redis packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/versions.env
 . scripts/versions.env
 DEST=${1:-.whl}
 BOTOCORE_SERVICES=${BOTOCORE_SERVICES:-"s3 sts"}
@@ -24,6 +25,7 @@ wanted() {  # the pins the machine lacks
 }
 
 slim_botocore() {  # rewrite the botocore wheel in place with only the kept service models
+  # shellcheck disable=SC2086  # one argument per service
   python3 - "$1" $BOTOCORE_SERVICES <<'EOF'
 import base64
 import hashlib
@@ -72,7 +74,7 @@ fetch_redis() {
   local work=$1
   mkdir -p "$work/redis"
   # shellcheck disable=SC2086
-  (cd "$work/redis" && apt-get download -q $REDIS_DEBS 2>&1 | grep -v "unsandboxed" || true)
+  (cd "$work/redis" && apt-get download -q $REDIS_DEBS 2>&1 | grep -v "unsandboxed") || true
   local deb
   for deb in $REDIS_DEBS; do
     compgen -G "$work/redis/${deb%%=*}_*.deb" >/dev/null || {
@@ -91,7 +93,7 @@ rm -rf "$DEST"
 mkdir -p "$(dirname "$DEST")"
 cp -r "$work" "$DEST"
 chmod -R a+rX "$DEST"
-ls "$DEST"/*.whl "$DEST"/redis/*.deb | sed 's|.*/||'
+find "$DEST" -name '*.whl' -o -name '*.deb' | sed 's|.*/||' | sort
 size=$(du -sm "$DEST" | cut -f1)
 echo "$DEST: $(du -sh "$DEST" | cut -f1) in all"
 if [ "$size" -gt "$LIMIT_MIB" ]; then

@@ -14,7 +14,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
-# shellcheck source=versions.env
+# shellcheck source=scripts/versions.env
 . "$HERE/versions.env"
 PYTHON=${PYTHON:-python3}
 PIP=("$PYTHON" -m pip --disable-pip-version-check)
@@ -33,14 +33,14 @@ require_python() {
   fi
 }
 
-pin_names() {  # the package names of "name==version" words
-  local pin
-  for pin in "$@"; do printf '%s ' "${pin%%==*}"; done
-}
-
-all_pins() {
+all_pins() {  # one "name==version" a line
+  # shellcheck disable=SC2086  # WORKER_PINS is a list of words
   printf '%s\n' $WORKER_PINS "diffusers==$DIFFUSERS_VERSION" "torchao==$TORCHAO_VERSION" \
     "torch==$TORCH_GPU_VERSION"
+}
+
+all_pin_names() {
+  all_pins | sed 's/==.*//' | tr '\n' ' '
 }
 
 project_requirements() {  # the base and worker dependencies, read from pyproject.toml
@@ -65,20 +65,20 @@ install_deps() {
   "${PIP[@]}" install "torch==$TORCH_GPU_VERSION" --index-url "$TORCH_GPU_INDEX_URL"
   "${PIP[@]}" install -r "$work/requirements.txt" -c "$work/constraints.txt"
   rm -rf "$work"
-  IMPORT_ALL=1 check "$(pin_names $(all_pins))"
+  IMPORT_ALL=1 check "$(all_pin_names)"
 }
 
 install_project() {
   require_python
   "${PIP[@]}" install --no-deps "$ROOT"
-  IMPORT_ALL=1 check "$(pin_names $(all_pins))"
+  IMPORT_ALL=1 check "$(all_pin_names)"
 }
 
 install_wheels() {
   local wheels=$1 target=$2 stamp
   require_python
   compgen -G "$wheels/*.whl" >/dev/null || { echo "install-worker: no wheels in $wheels" >&2; exit 1; }
-  stamp=$(cd "$wheels" && ls -l -- *.whl | sha256sum | cut -c1-16)
+  stamp=$(sha256sum "$wheels"/*.whl | sha256sum | cut -c1-16)
   if [ "$(cat "$target/.installed-wheels" 2>/dev/null)" != "$stamp" ]; then
     "${PIP[@]}" install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
       "$wheels"/*.whl
@@ -141,11 +141,11 @@ case "$command" in
   deps) install_deps ;;
   project) install_project ;;
   wheels)
-    [ $# -eq 3 ] && [ "$2" = "--target" ] || usage
+    if [ $# -ne 3 ] || [ "$2" != "--target" ]; then usage; fi
     install_wheels "$1" "$3"
     ;;
   check)
-    if [ "${1:-}" = "--own" ]; then check "${2:-}"; else check "$(pin_names $(all_pins))"; fi
+    if [ "${1:-}" = "--own" ]; then check "${2:-}"; else check "$(all_pin_names)"; fi
     ;;
   *) usage ;;
 esac
