@@ -580,7 +580,7 @@ def versions_here(redis_binary: str) -> dict[str, Any]:
         [redis_binary, "--version"], capture_output=True, text=True, env=redis_env(redis_binary)
     )
     match = re.search(r"v=(\S+)", banner.stdout)
-    found["redis_server"] = match.group(1) if match else banner.stdout.strip()[:80]
+    found["redis_server"] = match.group(1) if match else (banner.stdout + banner.stderr).strip()[:200]
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -637,7 +637,9 @@ Rows = list[tuple[str, str]]
 
 def start_rows(res: dict[str, Any]) -> Rows:
     rows: Rows = []
-    for label, key in (("start, cold caches", "start"), ("start again, same caches", "restart")):
+    cached = sum(res.get("cache_files_at_start", {}).values())
+    first = "start, cold caches" if not cached else f"start, {cached} cached kernel files"
+    for label, key in ((first, "start"), ("start again, same caches", "restart")):
         start = res.get(key)
         if not isinstance(start, dict) or "ready_line_s" not in start:
             continue
@@ -796,15 +798,20 @@ def main() -> int:
         (args.out / "queue_bench.json").write_text(json.dumps(res, indent=2, default=str))
         (args.out / "queue_bench.log").write_text("\n".join(LOG) + "\n")
 
-    res["weights"] = write_weights(args)
+    stack = Stack(args.work, args.redis_server)  # first: a service that cannot start fails in seconds
+    log(f"redis {stack.redis_url}, S3 {stack.endpoint}")
+    try:
+        res["weights"] = write_weights(args)
+    except BaseException:
+        stack.close()
+        raise
     log(f"weights {res['weights']}")
-    stack = Stack(args.work, args.redis_server)
     lora_keys = []
     for i, path in enumerate(res["weights"]["loras"]):
         key = f"bench/lora-{i}.safetensors"
         stack.s3.upload_file(path, LORA_BUCKET, key)
         lora_keys.append(key)
-    log(f"redis {stack.redis_url}, S3 {stack.endpoint}, LoRAs s3://{LORA_BUCKET}/bench/")
+    log(f"LoRAs uploaded to s3://{LORA_BUCKET}/bench/")
     gpu = GpuMemory() if args.device != "cpu" and shutil.which("nvidia-smi") else None
     env = worker_env(stack, args, res["weights"]["sources"])
     res["errors"], res["peak_memory"] = {}, {}

@@ -46,6 +46,10 @@ find_redis() {
     mkdir -p "$REDIS_ROOT"
     for deb in .whl/redis/*.deb; do unpack_deb "$deb" "$REDIS_ROOT"; done
     REDIS_SERVER=$REDIS_ROOT/usr/bin/redis-server
+    LD_LIBRARY_PATH=$REDIS_ROOT/usr/lib/x86_64-linux-gnu "$REDIS_SERVER" --version >/dev/null || {
+      LD_LIBRARY_PATH=$REDIS_ROOT/usr/lib/x86_64-linux-gnu ldd "$REDIS_SERVER" | grep "not found" >&2
+      exit 1
+    }
   else
     echo "queue_bench: no redis-server on PATH and no .whl/redis/*.deb (bench/device_wheels.sh)" >&2
     exit 1
