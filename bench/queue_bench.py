@@ -130,8 +130,10 @@ def redis_env(binary: str) -> dict[str, str]:
 
 
 def start_redis(binary: str, folder: Path) -> tuple[subprocess.Popen, int]:
-    """Its own redis-server on a free port, persistence as the compose file configures it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Its own redis-server on a free port, persistence as the compose file configures it; a fresh
+    folder, so nothing an earlier run left in the queue comes back."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     port = free_port()
     argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--save", "",
             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", "redis.log"]  # fmt: skip
@@ -151,9 +153,9 @@ def start_redis(binary: str, folder: Path) -> tuple[subprocess.Popen, int]:
 def start_s3(folder: Path) -> tuple[subprocess.Popen, str]:
     """moto's S3 server over HTTP, in its own process (as tests/s3server.py, but not in a thread)."""
     port = free_port()
-    log_file = (folder / "s3.log").open("w")
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    with (folder / "s3.log").open("w") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if process.poll() is not None:
@@ -529,8 +531,9 @@ def run_fault(stack: Stack, worker: Worker, request: dict[str, Any], budget: Bud
     images = len(request["prompts"])
     keys = stack.output_keys(task_id)
     expected = sorted([*(f"{i}.png" for i in range(images)), "result.json"])
-    broker = stack.redis_db(0)
-    backend = stack.redis_db(1)
+    with contextlib.closing(stack.redis_db(0)) as broker, contextlib.closing(stack.redis_db(1)) as backend:
+        counted = int(backend.get(f"chroma:deliveries:{task_id}:0") or 0)
+        broker_empty = broker.llen(stack.settings.queue) == 0 and broker.hlen("unacked") == 0
     out = {
         "task_id": task_id,
         "killed_pid": killed,
@@ -538,10 +541,10 @@ def run_fault(stack: Stack, worker: Worker, request: dict[str, Any], budget: Bud
         "killed_after_s": round(killed_at - submitted, 2),
         "state": status(task_id, app=stack.app)["state"],
         "delivery": result["delivery"],
-        "deliveries_counted": int(backend.get(f"chroma:deliveries:{task_id}:0") or 0),
+        "deliveries_counted": counted,
         "output_keys": keys,
         "keys_exactly_once": keys == expected,
-        "broker_empty": broker.llen(stack.settings.queue) == 0 and broker.hlen("unacked") == 0,
+        "broker_empty": broker_empty,
         "result_pid": result["worker"]["pid"],
         "kill_to_redelivered_start_s": round(result["worker"]["started_at"] - killed_at, 2),
         "kill_to_done_s": round(done - killed_at, 2),
