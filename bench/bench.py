@@ -50,33 +50,14 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 
 
 import torch  # noqa: E402
+from weights import PROMPT, SCALES, write_components  # noqa: E402  (bench/weights.py)
 
 from tasks.schemas import ResolvedPrompt  # noqa: E402
 from worker import device as dev  # noqa: E402
 from worker import sampling  # noqa: E402
-from worker.chroma_model import ChromaConfig, ChromaTransformer  # noqa: E402
 from worker.engine import Engine, EngineConfig, LoraInput, Recipe  # noqa: E402
-from worker.sources import Sources  # noqa: E402
-from worker.tiny import FLUX_VAE, T5_V1_1, TINY, write_lora, write_tokenizer  # noqa: E402
+from worker.tiny import write_lora  # noqa: E402
 from worker.variants import timed_build  # noqa: E402
-
-PROMPT = (
-    "a cinematic photo of a red fox standing in a snowy forest at dawn with soft golden light "
-    "falling through the tall pine trees while mist rises from a frozen river in the valley below"
-)
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128)
-SCALES = {
-    # transformer config, T5 overrides, VAE overrides, size, steps
-    "full": (ChromaConfig(), {}, {}, 1024, 25),
-    "smoke": (ChromaConfig(depth=2, depth_single=2), {"num_layers": 2}, {}, 512, 3),
-    "tiny": (
-        dataclasses.replace(TINY, context_dim=64),
-        dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2),
-        dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
-        64,
-        2,
-    ),
-}
 
 LOG: list[str] = []
 START = time.perf_counter()
@@ -86,74 +67,6 @@ def log(msg: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
     print(line, flush=True)
     LOG.append(line)
-
-
-# -- components at their real shapes, random values ------------------------------------------------
-
-
-def write_components(folder: Path, scale: str, device: torch.device) -> Sources:
-    cfg, t5_over, vae_over, _, _ = SCALES[scale]
-    folder.mkdir(parents=True, exist_ok=True)
-    transformer = folder / "chroma-random.safetensors"
-    if not transformer.exists():
-        write_transformer(transformer, cfg, device)
-    if not (folder / "text_encoder" / "config.json").exists():
-        write_t5(folder / "text_encoder", {**T5_XXL, **t5_over, "d_model_ctx": cfg.context_dim}, device)
-    if not (folder / "tokenizer" / "tokenizer.json").exists():
-        write_tokenizer(folder / "tokenizer", PROMPT.split(), T5_XXL["vocab_size"])
-    if not (folder / "vae" / "config.json").exists():
-        write_vae(folder / "vae", {**FLUX_VAE, "sample_size": 1024, **vae_over})
-    return Sources(
-        str(transformer), str(folder / "text_encoder"), str(folder / "tokenizer"), str(folder / "vae")
-    )
-
-
-def random_weights(cfg: ChromaConfig, device: torch.device):
-    """(name, bf16 tensor on ``device``) for every transformer weight: std 0.02, norm scales ~1."""
-    with torch.device("meta"):
-        model = ChromaTransformer(cfg)
-    gen = torch.Generator(device).manual_seed(0)
-    for name, p in model.state_dict().items():
-        value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
-        value = 1 + 0.05 * value if name.endswith(".scale") else 0.02 * value
-        yield name, value.to(torch.bfloat16)
-
-
-def write_transformer(path: Path, cfg: ChromaConfig, device: torch.device) -> None:
-    """One single-file checkpoint, original key names, bf16 (as Chroma1-Base ships)."""
-    from safetensors.torch import save_file
-
-    save_file({name: value.cpu() for name, value in random_weights(cfg, device)}, str(path))
-
-
-def write_t5(path: Path, shape: dict, device: torch.device) -> None:
-    """T5-XXL v1.1 encoder shape, built on meta and materialised on the device (never on the CPU)."""
-    from transformers import T5Config, T5EncoderModel
-
-    d_model = shape.pop("d_model_ctx")
-    assert d_model == shape["d_model"], "the transformer's text width must be T5's d_model"
-    config = T5Config(**shape, **T5_V1_1, dropout_rate=0.0)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    model = model.to(torch.bfloat16).to_empty(device=device)
-    gen = torch.Generator(device).manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.fill_(1.0)
-            elif "shared" in name or "embed_tokens" in name:
-                p.normal_(0.0, 1.0, generator=gen)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.save_pretrained(str(path), safe_serialization=True)
-    del model
-
-
-def write_vae(path: Path, config: dict) -> None:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**config)  # ~84M parameters: default init on the CPU takes a second
-    vae.save_pretrained(str(path), safe_serialization=True)
 
 
 # -- measuring ------------------------------------------------------------------------------------
