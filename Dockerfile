@@ -15,7 +15,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # Every cache the worker writes lives under /cache, one volume: model downloads (HF_HOME), compiled
-# kernels (Triton, inductor; a restarted worker reuses them), LoRA files, and HOME for anything else.
+# kernels (CHROMA_COMPILE_CACHE_DIR: the worker points Triton and inductor at a folder there keyed by
+# torch, Triton, GPU and code version, so a restarted worker reuses them; TRITON_CACHE_DIR and
+# TORCHINDUCTOR_CACHE_DIR cover anything compiled outside it), LoRA files, and HOME for the rest.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -24,13 +26,15 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
-    CHROMA_LORA_CACHE_DIR=/cache/loras
+    CHROMA_COMPILE_CACHE_DIR=/cache/compile \
+    CHROMA_LORA_CACHE_DIR=/cache/loras \
+    CHROMA_HEALTH_FILE=/tmp/chroma-worker/alive
 
 # The runtime user owns /cache before it is declared a volume, so a fresh named volume, which Docker
 # fills from the image, starts out writable by that user.
 RUN groupadd --gid 1000 chroma \
     && useradd --uid 1000 --gid chroma --home-dir /cache/home --no-create-home --shell /usr/sbin/nologin chroma \
-    && mkdir -p /cache/home /cache/huggingface /cache/triton /cache/inductor /cache/loras \
+    && mkdir -p /cache/home /cache/huggingface /cache/triton /cache/inductor /cache/compile /cache/loras \
     && chown -R chroma:chroma /cache
 
 WORKDIR /app
@@ -51,7 +55,8 @@ RUN scripts/install-worker.sh project && rm -rf build ./*.egg-info
 
 USER 1000:1000
 VOLUME ["/cache"]
-# Cheap: reads /proc (or the worker's heartbeat file, CHROMA_HEALTH_FILE), imports nothing heavy.
+# Cheap: reads the heartbeat file the worker touches every 15 s once warmed up (CHROMA_HEALTH_FILE),
+# with the settings class only; no Celery, no broker.
 # The start period covers a first start that downloads ~35 GB of weights and compiles.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
     CMD ["python", "/app/scripts/healthcheck.py"]

@@ -2,18 +2,19 @@
 """Container health of a GPU worker, cheap enough to run every 30 s: no Celery import, no broker.
 
 With ``CHROMA_HEALTH_FILE`` set, the worker is healthy while that file was touched within
-``CHROMA_HEALTH_MAX_AGE`` seconds (default 120): the worker's pool process touches it once its model
-is loaded and warmed up, then periodically. Without it, the worker is judged by its processes: a
-``celery ... worker`` parent that has its pool process. Exit 0 healthy, 1 not (the reason on stdout,
-which ``docker inspect`` shows).
+``CHROMA_HEALTH_MAX_AGE`` seconds: the worker's pool process touches it once its model is loaded
+and warmed up, then every 15 s (``worker.lifecycle.start_heartbeat``). Without it, the worker is
+judged by its processes: a ``celery ... worker`` parent that has its pool process. Exit 0 healthy,
+1 not (the reason on stdout, which ``docker inspect`` shows).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
+
+from tasks.settings import Settings
 
 
 def heartbeat_age(path: Path) -> float | None:
@@ -38,15 +39,15 @@ def celery_workers() -> dict[int, int]:
     return found
 
 
-def check() -> str | None:
+def check(settings: Settings) -> str | None:
     """None when healthy, else why not."""
-    health_file = os.environ.get("CHROMA_HEALTH_FILE")
-    if health_file:
-        max_age = float(os.environ.get("CHROMA_HEALTH_MAX_AGE", "120"))
-        age = heartbeat_age(Path(health_file))
+    if settings.health_file:
+        path = Path(settings.health_file).expanduser()
+        age = heartbeat_age(path)
         if age is None:
-            return f"{health_file} not written yet (loading or warming up)"
-        return None if age <= max_age else f"{health_file} last touched {age:.0f} s ago (> {max_age:g} s)"
+            return f"{path} not written yet (loading or warming up)"
+        limit = settings.health_max_age
+        return None if age <= limit else f"{path} last touched {age:.0f} s ago (> {limit} s)"
     workers = celery_workers()
     parents = [pid for pid, ppid in workers.items() if ppid not in workers]
     if not parents:
@@ -57,7 +58,7 @@ def check() -> str | None:
 
 
 def main() -> int:
-    problem = check()
+    problem = check(Settings())
     print(problem or "ok")
     return 0 if problem is None else 1
 

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     output_bucket: str = "outputs"
     output_prefix: str = "generations"
     lora_cache_dir: str = "~/.cache/chroma-worker/loras"
+    # The pool process touches this file once loaded and warmed up, then every 15 s (container health).
+    health_file: str | None = None
+    health_max_age: int = Field(120, ge=30, description="seconds without a touch before unhealthy")
     lora_cache_bytes: int = Field(20 * 2**30, ge=0)
     max_lora_bytes: int = Field(2 * 2**30, ge=1)
 

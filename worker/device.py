@@ -111,6 +111,11 @@ def probe_device() -> bool:
         return False
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
-    """The most device memory this process has held in tensors, or None off CUDA."""
+    """The most device memory held in tensors since ``reset_peak_memory``, or None off CUDA."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -86,6 +86,8 @@ def load_runtime(settings: Settings) -> Runtime:
         lora_cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
         _runtime = Runtime(settings, engine, s3, lora_cache)
         figures["total"] = time.perf_counter() - start
+        if settings.health_file:
+            start_heartbeat(Path(settings.health_file).expanduser())
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
         log.info("%s %s", STARTUP_LOG_PREFIX, json.dumps(rounded))
         return _runtime
@@ -135,6 +137,27 @@ def remote_artifacts(uri: str, cache_key: str) -> tuple[str, str]:
 
 def cache_state(cache: CompileCache) -> str:
     return "warm" if cache.warm else "remote" if cache.remote else "cold"
+
+
+HEARTBEAT_SECONDS = 15.0
+
+
+def start_heartbeat(path: Path, every: float = HEARTBEAT_SECONDS) -> threading.Thread:
+    """Touch ``path`` now and every ``every`` seconds while this process lives (a daemon thread):
+    a container health check reads its age (scripts/healthcheck.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def beat() -> None:
+        while True:
+            try:
+                path.touch()
+            except OSError as exc:  # a full or read-only disk must not stop the worker
+                log.warning("health file %s not touched: %s", path, exc)
+            time.sleep(every)
+
+    thread = threading.Thread(target=beat, name="health-heartbeat", daemon=True)
+    thread.start()
+    return thread
 
 
 @functools.cache

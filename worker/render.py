@@ -79,6 +79,7 @@ def render_request(
 ) -> GenerationResult:
     """Render ``request`` with LoRAs from ``loras`` into ``sink``; returns result.json's content."""
     report = progress or (lambda _p: None)
+    device.reset_peak_memory(engine.device)  # result.json reports this request's peak
     prompts = resolve_prompts(request)
     count = len(prompts)
     timings: dict[str, float] = {}
