@@ -314,6 +314,10 @@ def worker_env(stack: Stack, args: argparse.Namespace, sources: dict[str, str]) 
         "OUTPUT_BUCKET": OUTPUT_BUCKET,
         "OUTPUT_PREFIX": OUTPUT_PREFIX,
         "LORA_CACHE_DIR": str(args.cache_root / "loras"),
+        "COMPILE_CACHE_DIR": str(args.cache_root / "compile"),
+        # The first worker keeps its compile artifacts in S3 too; "restart_remote" starts from them.
+        "COMPILE_CACHE_URI": f"s3://{OUTPUT_BUCKET}/compile-cache",
+        "HEALTH_FILE": str(args.cache_root / "alive"),
         "TRANSFORMER": sources["transformer"],
         "TEXT_ENCODER": sources["text_encoder"],
         "TOKENIZER": sources["tokenizer"],
@@ -642,7 +646,11 @@ def start_rows(res: dict[str, Any]) -> Rows:
     rows: Rows = []
     cached = sum(res.get("cache_files_at_start", {}).values())
     first = "start, cold caches" if not cached else f"start, {cached} cached kernel files"
-    for label, key in ((first, "start"), ("start again, same caches", "restart")):
+    for label, key in (
+        (first, "start"),
+        ("start again, same caches", "restart"),
+        ("start, empty cache dir, artifacts from S3", "restart_remote"),
+    ):
         start = res.get(key)
         if not isinstance(start, dict) or "ready_line_s" not in start:
             continue
@@ -769,7 +777,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--restart", action=argparse.BooleanOptionalAction, default=True, help="the restart section"
     )
-    ap.add_argument("--skip", default="", help="comma list of sections: batch,fault,restart")
+    ap.add_argument("--skip", default="", help="comma list of sections: batch,fault,restart,restart_remote")
     ap.add_argument("--deadline", type=float, default=540, help="seconds from start (0: none)")
     args = ap.parse_args()
     args.work = args.work or Path(f"/tmp/chroma-queue-bench/{args.scale}")
@@ -789,11 +797,7 @@ def main() -> int:
     res: dict[str, Any] = {"versions": versions_here(args.redis_server)}
     res.update({"argv": sys.argv, "scale": args.scale, "device": args.device, "sizes": SIZES[args.scale],
                 "steps": STEPS[args.scale], "deadline_s": args.deadline})  # fmt: skip
-    res["cache_files_at_start"] = {
-        name: cache_files(Path(os.environ[name]))
-        for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-        if name in os.environ
-    }
+    res["cache_files_at_start"] = {"compile": cache_files(args.cache_root / "compile")}
     shutil.rmtree(args.cache_root / "loras", ignore_errors=True)  # every LoRA download is a real one
     log(f"versions {res['versions']}")
 
@@ -902,6 +906,20 @@ def run_sections(res, args, stack: Stack, workers: list[Worker], env, lora_keys,
         return measure_start(stack, second, probe, budget)
 
     section("restart", 0.7 * start_s + 20, restart)
+
+    def restart_remote() -> dict[str, Any]:
+        """A worker on a machine that never compiled: an empty compile cache folder, the first
+        worker's artifacts in S3 (CHROMA_COMPILE_CACHE_URI)."""
+        current = workers[-1]
+        current.stop()
+        workers.remove(current)
+        fresh = args.cache_root / "compile-fresh"
+        shutil.rmtree(fresh, ignore_errors=True)
+        third = Worker({**env, "CHROMA_COMPILE_CACHE_DIR": str(fresh)}, args.out / "worker-3.log")
+        workers.append(third)
+        return measure_start(stack, third, probe, budget)
+
+    section("restart_remote", 0.7 * start_s + 20, restart_remote)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from worker.chroma_model import ChromaConfig, ChromaTransformer  # noqa: E402
-from worker.components import Sources  # noqa: E402
+from worker.sources import Sources  # noqa: E402
 from worker.tiny import FLUX_VAE, T5_V1_1, TINY, write_lora, write_tokenizer  # noqa: E402
 
 PROMPT = (
