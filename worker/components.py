@@ -26,8 +26,9 @@ def load_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast
 def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device):
     from transformers import T5EncoderModel
 
-    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype)
-    return model.to(device).eval().requires_grad_(False)
+    # Straight to the device: no full host copy first (a 9.5 GB encoder at full size).
+    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, device_map={"": str(device)})
+    return model.eval().requires_grad_(False)
 
 
 def load_vae(path: Path, dtype: torch.dtype, device: torch.device):

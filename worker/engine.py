@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,11 +224,11 @@ class Engine:
         except ValueError as exc:  # the checkpoint's shapes and the RoPE setting disagree
             raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
+        # The base weights go to (pinned) host memory while T5 and the VAE load: both wait on
+        # memory and the disk, not on each other.
         pin = self.device.type == "cuda"
         say(f"transformer: {'pinning' if pin else 'keeping'} the base weights in host memory")
-        self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
-        del state
-        t3 = time.perf_counter()
+        keeping = _Background(lambda: BaseWeights(cfg, state, self.dtype, pin=pin))
         say(f"text encoder: loading {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
         self.tokenizer = load_tokenizer(paths["tokenizer"])
         self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
@@ -235,6 +236,8 @@ class Engine:
             quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
         say(f"vae: loading {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
+        t3 = time.perf_counter()
+        self.base = keeping.result()
         t4 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
@@ -243,8 +246,9 @@ class Engine:
         self.load_seconds = {
             "resolve": t1 - t0,
             "weights_read": t2 - t1,
-            "pin": t3 - t2,
-            "text_vae": t4 - t3,
+            "pin": keeping.seconds,  # alongside text_vae
+            "text_vae": t3 - t2,
+            "pin_wait": t4 - t3,
         }
         self.loaded = True
         log.info(
@@ -542,6 +546,33 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         working = self._working_bytes() if self.recipe.working_copy else 0
         return memory.variant_budget(free, total, working, self._variant_bytes())
+
+
+class _Background:
+    """``fn()`` in a thread; ``result()`` waits for it and re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], BaseWeights]):
+        self.seconds = 0.0
+        self._value: BaseWeights | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                self._value = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+                self._error = exc
+            self.seconds = time.perf_counter() - start
+
+        self._thread = threading.Thread(target=run, name="base-weights", daemon=True)
+        self._thread.start()
+
+    def result(self) -> BaseWeights:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def describe_size(path: Path) -> str:

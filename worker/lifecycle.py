@@ -78,7 +78,9 @@ def load_runtime(settings: Settings) -> Runtime:
             warm = engine.warmup(settings.warmup_sizes)
             figures["variant_build"] = variant_build
             figures["compile_warmup"] = time.perf_counter() - t0 - variant_build
+            figures.update(compile_counters())
             log.info("warm-up: %s", {k: round(v, 2) for k, v in warm.items()})
+            log_compile_times()
         if cache is not None:
             figures["compile_cache"] = cache_state(cache)
             if warm_up and not cache.warm:
@@ -127,6 +129,34 @@ def keep_compiled(settings: Settings, cache: CompileCache, s3: BaseClient) -> No
         upload_bytes(s3, bucket, key, data, "application/octet-stream")
     except WorkerError as exc:
         log.warning("compile artifacts not stored in s3://%s/%s: %s", bucket, key, exc)
+
+
+def compile_counters() -> dict[str, float]:
+    """How the warm-up's compiles went: graphs made, inductor and AOT cache hits and misses."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "fx_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
+        "aot_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
+        "aot_cache_misses": counters["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
+def log_compile_times() -> None:
+    """Where compile time went, phase by phase (the largest first), for the start's breakdown."""
+    from torch._dynamo.utils import compile_times
+
+    rows = []
+    for line in str(compile_times(repr="str")).splitlines():
+        name, _, seconds = line.rpartition(",")
+        try:
+            rows.append((float(seconds), name.strip()))
+        except ValueError:
+            continue
+    top = ", ".join(f"{name} {seconds:.1f}" for seconds, name in sorted(rows, reverse=True)[:12])
+    log.info("compile phases (s): %s", top)
 
 
 def remote_artifacts(uri: str, cache_key: str) -> tuple[str, str]:
