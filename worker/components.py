@@ -26,9 +26,10 @@ def load_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast
 def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device):
     from transformers import T5EncoderModel
 
-    # Straight to the device: no full host copy first (a 9.5 GB encoder at full size).
-    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, device_map={"": str(device)})
-    return model.eval().requires_grad_(False)
+    # Loaded on the host, then moved: loading straight to the device (device_map) took 28.8 s
+    # instead of 12.5 s at full size on an H200 (bench/RESULTS.md, queue bench runs).
+    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_vae(path: Path, dtype: torch.dtype, device: torch.device):
@@ -42,7 +43,9 @@ def quantize_float8(module: torch.nn.Module) -> None:
     """torchao float8 weight-only on every Linear: the reference's "float8", in place."""
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
-    quantize_(module, Float8WeightOnlyConfig())
+    # set_inductor_config=False: torchao would switch on inductor's coordinate-descent tuning for the
+    # whole process, which re-benchmarks kernels at every worker start (up to 90 s measured).
+    quantize_(module, Float8WeightOnlyConfig(set_inductor_config=False))
 
 
 def quantizes_activations(name: str) -> bool:
@@ -81,12 +84,16 @@ def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: 
     def image_stream(layer: torch.nn.Module, name: str) -> bool:
         return isinstance(layer, torch.nn.Linear) and quantizes_activations(f"{part}.{name}")
 
-    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=image_stream)
+    quantize_(
+        module,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+        filter_fn=image_stream,
+    )
     for name, layer in module.named_modules():
         if image_stream(layer, name):  # quantize bf16 activations, write bf16 (CastInputLinear)
             layer.__class__ = CastInputLinear
     quantize_(
         module,
-        Float8WeightOnlyConfig(),
+        Float8WeightOnlyConfig(set_inductor_config=False),
         filter_fn=lambda layer, name: isinstance(layer, torch.nn.Linear) and not image_stream(layer, name),
     )
