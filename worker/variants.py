@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,10 @@ from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
 
 log = logging.getLogger(__name__)
+
+
+# The quantization of preview mode's base (worker.preview): quanto qfloat8, no LoRA merged.
+PREVIEW_QUANTIZATION = "qfloat8-preview"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class Variant:
     nbytes: int
     build_seconds: float
     layers_merged: list[int] = field(default_factory=list)
+    # Preview mode: LoRA layers applied unmerged at render time (target Linear -> its layers).
+    attached: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def preview(self) -> bool:
+        """Whether this renders as ai-toolkit's training preview (worker.preview)."""
+        return self.key.quantization == PREVIEW_QUANTIZATION
 
 
 class BaseWeights:
@@ -67,6 +79,20 @@ class BaseWeights:
         self, loras: list[tuple[ParsedLora, float]], quantization: Quantization, device: torch.device
     ) -> ChromaTransformer:
         quantization = Quantization(quantization)
+
+        def quantize(part: str, module: torch.nn.Module) -> None:
+            quantize_transformer_part(part, module, quantization)
+
+        return self.build_with(quantize, loras, device)
+
+    def build_with(
+        self,
+        quantize: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+        loras: list[tuple[ParsedLora, float]],
+        device: torch.device,
+    ) -> ChromaTransformer:
+        """The base with ``loras`` merged, each part quantized by ``quantize(part name, module)``,
+        in place, or replaced by the module it returns."""
         with torch.device("meta"):
             model = ChromaTransformer(self.cfg)
         for part, module in _parts(model):
@@ -81,7 +107,10 @@ class BaseWeights:
                 {name[len(prefix) :]: t for name, t in weights.items()}, strict=True, assign=True
             )
             del weights
-            quantize_transformer_part(part, module, quantization)
+            replacement = quantize(part, module)
+            if replacement is not None and replacement is not module:
+                parent, _, attr = part.rpartition(".")
+                setattr(model.get_submodule(parent), attr, replacement)
         model.mod_index = torch.arange(self.cfg.num_modulations, device=device)
         return model.eval().requires_grad_(False)
 
@@ -187,6 +216,23 @@ class VariantCache:
             self._variants.move_to_end(key)
         return variant
 
+    def describe(self, variant: Variant, hit: bool) -> dict:
+        """What result.json says of the variant that rendered (``tasks.results.VariantResult``)."""
+        key = variant.key
+        return {
+            "cache_hit": hit,
+            "build_seconds": round(variant.build_seconds, 4),
+            "variants_cached": len(self),
+            "cache_bytes": self.nbytes,
+            "evictions": self.evictions,
+            "key": {
+                "base": key.base,
+                "quantization": key.quantization,
+                "dtype": key.dtype,
+                "loras": [list(item) for item in key.loras],
+            },
+        }
+
     def make_room(self, incoming_bytes: int) -> None:
         """Evict least-recently-used variants so ``incoming_bytes`` more fits the budget."""
         self._evict(lambda: self.nbytes + incoming_bytes <= self.budget_bytes)
@@ -222,12 +268,20 @@ def timed_build(
     loras: list[tuple[ParsedLora, float]],
     device: torch.device,
 ) -> Variant:
+    layers = [p.num_layers for p, _ in loras]
+    return timed(key, device, lambda: base.build(loras, Quantization(key.quantization), device), layers)
+
+
+def timed(
+    key: VariantKey, device: torch.device, build: Callable[[], ChromaTransformer], layers: list[int]
+) -> Variant:
+    """``build()`` as the variant ``key``, with its build time and device bytes."""
     start = time.perf_counter()
-    model = base.build(loras, Quantization(key.quantization), device)
+    model = build()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return Variant(key, model, module_bytes(model), seconds, [p.num_layers for p, _ in loras])
+    return Variant(key, model, module_bytes(model), seconds, layers)
 
 
 def _short(key: VariantKey) -> str:
