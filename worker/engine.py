@@ -46,6 +46,7 @@ from worker.config import EngineConfig, Recipe, make_recipe, pick_sources
 from worker.lora import ParsedLora, parse_lora
 from worker.sources import fingerprint, resolve
 from worker.variants import (
+    ActiveCopy,
     BaseWeights,
     Variant,
     VariantCache,
@@ -111,7 +112,7 @@ class Engine:
         self.paths: dict[str, Path] = {}
         self.load_seconds: dict[str, float] = {}
         self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
-        self._working: tuple[VariantKey, torch.nn.Module] | None = None  # the active variant, dequantized
+        self._working = ActiveCopy()  # the working copy of the variant being rendered
         self.previews = preview.PreviewParts(self.device, self.dtype, TEXT_EMBEDDINGS_KEPT)
 
     @property
@@ -158,12 +159,7 @@ class Engine:
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()
         self.texts = TextEncoder(self.tokenizer, self.text_encoder, kept=TEXT_EMBEDDINGS_KEPT)
-        self.load_seconds = {
-            "resolve": t1 - t0,
-            "weights_read": t2 - t1,
-            "pin": t3 - t2,
-            "text_vae": t4 - t3,
-        }
+        self.load_seconds = {"resolve": t1 - t0, "weights_read": t2 - t1, "pin": t3 - t2, "text_vae": t4 - t3}
         self.loaded = True
         log.info(
             "engine ready on %s (%s, %s): %s; transformer %s",
@@ -204,7 +200,7 @@ class Engine:
         if cached is not None:
             return cached, True
         parsed = [] if preview else self.parse_loras(loras)
-        self._working = None  # another variant's: it would only hold memory during the build
+        self._working.drop()  # another variant's: it would only hold memory during the build
         self.variants.make_room(self._variant_bytes())
 
         def build() -> Variant:
@@ -394,27 +390,16 @@ class Engine:
     def _base_model_for(self, variant: Variant, recipe: Recipe):
         if not recipe.working_copy:
             return variant.model
-        if self._working is not None and self._working[0] == variant.key:
-            return self._working[1]
-        self._working = None
-        try:
-            copy = (preview.working_copy if variant.preview else working_copy)(variant.model)
-        except torch.OutOfMemoryError:
-            copy = None  # leave the except block before freeing: its traceback holds the partial copy
-        if copy is None:
-            log.warning("no room for the working copy; this render dequantizes per forward")
-            self.release_memory()
-            return variant.model
-        self._working = (variant.key, copy)
-        return copy
+        make = preview.working_copy if variant.preview else working_copy
+        return self._working.get(variant, make, self.release_memory)
 
     def drop_working_copy(self) -> None:
-        self._working = None
+        self._working.drop()
 
     @property
     def working_variant(self) -> VariantKey | None:
         """The key of the variant whose working copy is held, if any."""
-        return None if self._working is None else self._working[0]
+        return self._working.key
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""

@@ -179,6 +179,43 @@ def working_copy(model: ChromaTransformer) -> ChromaTransformer:
     return copy.eval().requires_grad_(False)
 
 
+class ActiveCopy:
+    """The working copy of the variant being rendered: one at a time, so switching variants never
+    holds two (the previous one is dropped before the next is made)."""
+
+    def __init__(self) -> None:
+        self._held: tuple[VariantKey, torch.nn.Module] | None = None
+
+    @property
+    def key(self) -> VariantKey | None:
+        return None if self._held is None else self._held[0]
+
+    def drop(self) -> None:
+        self._held = None
+
+    def get(
+        self,
+        variant: Variant,
+        make: Callable[[ChromaTransformer], torch.nn.Module],
+        release: Callable[[], None],
+    ) -> torch.nn.Module:
+        """``variant``'s working copy, made by ``make`` unless held; the variant's own model when
+        the copy does not fit (``release`` then frees what the attempt left)."""
+        if self._held is not None and self._held[0] == variant.key:
+            return self._held[1]
+        self._held = None
+        try:
+            copy = make(variant.model)
+        except torch.OutOfMemoryError:
+            copy = None  # leave the except block before freeing: its traceback holds the partial copy
+        if copy is None:
+            log.warning("no room for the working copy; this render dequantizes per forward")
+            release()
+            return variant.model
+        self._held = (variant.key, copy)
+        return copy
+
+
 def module_bytes(model: torch.nn.Module) -> int:
     """Device bytes held by a module's weights (quantized tensors count their packed data)."""
     total = 0

@@ -396,3 +396,32 @@ def test_a_base_with_an_all_zero_row_refuses_preview(tmp_path):
             engine.generate([PROMPT], [], preview=True)
         assert caught.value.field == "preview"
     assert engine.generate([ResolvedPrompt(0, "a", "", 64, 64, 1, 1.0, 0)], []).images  # fused: fine
+
+
+@torch.inference_mode()
+def test_compiled_blocks_run_the_preview_and_a_new_multiplier_compiles_nothing(engine_factory, lora):
+    """The working copy with a LoRA attached, through compiled blocks: the eager numbers (to float32
+    summation order), and another multiplier reuses the graphs."""
+    from torch._dynamo.utils import counters
+
+    from worker.blocks import Blocks
+
+    _, path = lora
+    engine = engine_factory("none", "float32", "drop")
+    torch._dynamo.reset()
+    blocks = Blocks(compile=True)
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(1, 20, TINY.in_channels, generator=gen)
+    ids = sampling.image_ids(64, 80, torch.float32, torch.device("cpu"))
+    txts = tuple(torch.randn(1, n, TINY.context_dim, generator=gen) for n in (9, 2))
+    pes = tuple(sampling.rope_for(t.shape[1], ids, TINY.axes_dim) for t in txts)
+    args = (img, txts, pes, torch.tensor([0.5]), torch.zeros(1))
+    graphs = []
+    for multiplier in (1.0, 0.5):
+        variant, _ = engine.preview_variant([loras.lora_input(path, multiplier)])
+        model = preview.with_loras(preview.working_copy(variant.model), variant.attached)
+        compiled = model.forward_batch(*args, blocks=blocks)
+        eager = model.forward_batch(*args)
+        assert float((compiled - eager).norm() / eager.norm()) < 1e-5
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0], f"a new multiplier recompiled: {graphs}"
