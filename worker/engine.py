@@ -379,12 +379,8 @@ class Engine:
         return nullcontext() if variant.preview else sampling.autocast_for(self.device, self.dtype)
 
     def model_for(self, variant: Variant, recipe: Recipe | None = None):
-        """The module that renders ``variant``: its working copy when the recipe keeps one, with the
-        variant's unmerged LoRA layers (preview) attached.
-
-        One working copy exists at a time (the previous one is dropped before the next is made),
-        so switching variants never holds two.
-        """
+        """The module that renders ``variant``: its working copy when the recipe keeps one (one at a
+        time, ``variants.ActiveCopy``), with the variant's unmerged LoRA layers (preview) attached."""
         return preview.with_loras(self._base_model_for(variant, recipe or self.recipe), variant.attached)
 
     def _base_model_for(self, variant: Variant, recipe: Recipe):

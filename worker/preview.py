@@ -66,6 +66,8 @@ def qfloat8_data(weight: Tensor, scale: Tensor) -> Tensor:
 class QFloat8Linear(nn.Module):
     """An ``nn.Linear`` as quanto 0.2.4's frozen ``QLinear`` with qfloat8 weights computes it."""
 
+    bias_after_matmul = True  # worker.chroma_model.product may leave the bias to a fused consumer
+
     def __init__(self, data: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
         self.out_features, self.in_features = data.shape
