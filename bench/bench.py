@@ -405,6 +405,81 @@ def main() -> int:
             ),
         )
 
+    def preview_mode() -> None:
+        """Preview mode (ai-toolkit's training sample): the quanto qfloat8 base and T5, a random LoRA
+        attached unmerged; the loop timed; how far the fused default is from it (same LoRA)."""
+        import contextlib
+
+        import numpy as np
+
+        from worker.variants import module_bytes
+
+        lora_path = args.work / f"lora-r{args.lora_rank}.safetensors"
+        write_lora(lora_path, seed=2, rank=args.lora_rank, std=0.01, cfg=engine.cfg)
+        sha = hashlib.sha256(lora_path.read_bytes()).hexdigest()
+        lora = [LoraInput(lora_path, sha, 1.0)]
+        engine.drop_working_copy()
+        engine.release_memory()
+        out: dict = {}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, texts = clock.time(engine.preview_texts)
+        out["t5_load_s"], out["t5_gib"] = round(seconds, 2), gib(module_bytes(texts.model))
+        seconds, (base, _) = clock.time(lambda: engine.get_variant([], preview=True))
+        out["base_build_s"], out["base_gib"] = round(seconds, 2), gib(base.nbytes)
+        seconds, (variant, _) = clock.time(lambda: engine.preview_variant(lora))
+        out["attach_s"] = round(seconds, 4)
+        preview_cond = engine.encode(PROMPT, preview=True)
+        out["text_embeds_rel_vs_fused_t5"] = rel(preview_cond.embeds, cond.embeds)
+        g0 = graphs()
+        first, _ = clock.time(lambda: engine.denoise(variant, one_step, preview_cond))
+        times = time_denoise(engine, clock, variant, p, preview_cond, args.runs)
+        out["first_1_step_s"], out["s"] = round(first, 1), [round(t, 3) for t in times]
+        out["median_s"], out["new_graphs"] = round(statistics.median(times), 3), graphs() - g0
+        if cuda:
+            out["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
+        g0 = graphs()
+        seconds, (other, hit) = clock.time(lambda: engine.preview_variant([LoraInput(lora_path, sha, 0.5)]))
+        time_denoise(engine, clock, other, one_step, preview_cond, 1)
+        out["new_multiplier"] = {"attach_s": round(seconds, 4), "base_hit": hit, "new_graphs": graphs() - g0}
+
+        # One forward at mid-schedule, the same inputs and text: preview vs the fused default.
+        fused, _ = engine.get_variant(lora)
+        gen = torch.Generator("cpu").manual_seed(11)
+        img = torch.randn(1, (size // 16) ** 2, engine.cfg.in_channels, generator=gen, dtype=engine.dtype)
+        ids = sampling.image_ids(size, size, engine.dtype, device)
+        txts = tuple(t.for_transformer(True)[0] for t in (cond, engine.encode("")))
+        pes = tuple(sampling.rope_for(t.shape[1], ids, engine.cfg.axes_dim) for t in txts)
+        args_ = (img.to(device), txts, pes, torch.tensor([0.6], dtype=engine.dtype, device=device))
+        outs = {}
+        for name, v in (("preview", variant), ("fused", fused)):
+            autocast = contextlib.nullcontext() if v.preview else sampling.autocast_for(device, engine.dtype)
+            with torch.inference_mode(), autocast:
+                model = engine.model_for(v)
+                outs[name] = model.forward_batch(*args_, torch.zeros(1, device=device), blocks=engine.blocks)
+        guided = {k: o[1] + 4.0 * (o[0] - o[1]) for k, o in outs.items()}
+        out["per_forward_rel"] = {
+            "cond": rel(outs["fused"][0], outs["preview"][0]),
+            "uncond": rel(outs["fused"][1], outs["preview"][1]),
+            "guided": rel(guided["fused"], guided["preview"]),
+        }
+        images = {}
+        for name, flag in (("preview", True), ("fused", False)):
+            images[name] = np.asarray(
+                engine.generate([p], lora, preview=flag).images[0].image, dtype=np.float64
+            )
+        mse = float(((images["preview"] - images["fused"]) ** 2).mean())
+        out["image_psnr_db"] = float("inf") if mse == 0 else round(float(10 * np.log10(255.0**2 / mse)), 2)
+        res["preview"] = out
+        log(f"preview {out}")
+        table.append(("preview mode (quanto qfloat8, LoRA unmerged), s/image", f"{out['median_s']:.2f}"))
+        worst = max(out["per_forward_rel"]["cond"], out["per_forward_rel"]["uncond"])
+        table.append(("fused default vs preview, per-forward rel. diff (same LoRA)", f"{worst:.1e}"))
+        table.append(("fused default vs preview, image PSNR, dB", str(out["image_psnr_db"])))
+        if cuda:
+            table.append(("peak GPU memory during the preview loop, GiB", str(out["peak_gib"])))
+        table.append(("preview T5 (qfloat8) resident, GiB", str(out["t5_gib"])))
+
     def switch() -> None:
         """A new (LoRA, multiplier) variant from the resident base weights."""
         st.pop(other, None)  # built outside the budget (its own section may have been skipped)
@@ -496,6 +571,7 @@ def main() -> int:
         (label[args.quantization], lambda: measure_mode(args.quantization), cuda),
         ("reference", reference, True),
         (label[other], lambda: measure_mode(other), cuda),
+        ("preview", preview_mode, True),
         ("switch", switch, True),
         ("e2e", end_to_end, True),
         ("new_shapes", new_shapes, True),

@@ -230,8 +230,9 @@ def validate_request(data: Any, limits: Limits | None = None) -> GenerationReque
     return request
 
 
-def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
-    """Apply defaults: trigger words, size snapping, seeds (omitted: 42 + index; -1: random)."""
+def resolve_prompts(request: GenerationRequest, preview: bool = False) -> list[ResolvedPrompt]:
+    """Apply defaults: trigger words, size snapping (``snap_size``; ``preview``: the request renders
+    in preview mode), seeds (omitted: 42 + index; -1: random)."""
     out = []
     for index, spec in enumerate(request.prompts):
         text = effective_prompt(request, spec)
@@ -243,8 +244,8 @@ def resolve_prompts(request: GenerationRequest) -> list[ResolvedPrompt]:
                 index=index,
                 prompt=text,
                 neg=spec.neg,
-                width=snap_size(spec.width),
-                height=snap_size(spec.height),
+                width=snap_size(spec.width, preview),
+                height=snap_size(spec.height, preview),
                 sample_steps=spec.sample_steps,
                 guidance_scale=spec.guidance_scale,
                 seed=seed,
@@ -273,9 +274,11 @@ def effective_prompt(request: GenerationRequest, spec: PromptSpec) -> str:
     return spec.prompt.replace("[trigger]", trigger) if trigger else spec.prompt
 
 
-def snap_size(value: int) -> int:
-    """Floor to a multiple of 32, as the reference does (1000 -> 992)."""
-    return max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+def snap_size(value: int, preview: bool = False) -> int:
+    """Floor to a multiple of 32, as the reference service does (1000 -> 992); in preview mode to a
+    multiple of 16, as ai-toolkit's training sampler does (1000 -> 992, 1016 -> 1008)."""
+    multiple = 16 if preview else SIZE_MULTIPLE
+    return max(multiple, value // multiple * multiple)
 
 
 def _check_limits(request: GenerationRequest, limits: Limits) -> None:

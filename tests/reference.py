@@ -73,10 +73,11 @@ class ReferenceChroma:
 
     @torch.inference_mode()
     def __call__(
-        self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int
+        self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, neg: str = ""
     ) -> Image.Image:
+        """ai-toolkit's sample: ``neg`` is the unconditional branch's text (its ``encode_prompt``)."""
         cond, cond_mask = self.embed(prompt)
-        uncond, uncond_mask = self.embed("")
+        uncond, uncond_mask = self.embed(neg)
         lh, lw = 2 * (height // 16), 2 * (width // 16)
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = randn_tensor(

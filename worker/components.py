@@ -7,14 +7,47 @@ fused variant shares them. Where each comes from is ``worker.sources``.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from tasks.settings import Quantization
 from worker.chroma_model import CastInputLinear
+from worker.sampling import TextEmbedding, encode_text
 
 log = logging.getLogger(__name__)
+
+
+class TextEncoder:
+    """A tokenizer and a T5, with the embeddings of a few recent texts kept (negative prompts
+    repeat; the empty prompt is always kept). ``mask_dtype``: see ``sampling.attended_tokens``."""
+
+    def __init__(self, tokenizer, model, mask_dtype: torch.dtype | None = None, kept: int = 16):
+        self.tokenizer, self.model, self.mask_dtype, self.kept = tokenizer, model, mask_dtype, kept
+        self._texts: dict[str, TextEmbedding] = {}
+        self._texts[""] = self.encode("")
+
+    def encode(self, text: str, keep: bool = False) -> TextEmbedding:
+        cached = self._texts.get(text)
+        if cached is not None:
+            return cached
+        embedding = encode_text(self.tokenizer, self.model, text, self.mask_dtype)
+        if keep:
+            self._texts[text] = embedding
+            while len(self._texts) > self.kept:
+                del self._texts[next(key for key in self._texts if key != "")]
+        return embedding
+
+
+def describe_size(path: Path) -> str:
+    """A file's or folder's weight bytes, for a person: ``17.8 GB``."""
+    files = list(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    if size <= 0:
+        return "0 B"
+    unit = min(int(math.log(size, 1000)), 4)
+    return f"{size / 1000**unit:.1f} {['B', 'kB', 'MB', 'GB', 'TB'][unit]}"
 
 
 def load_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast

@@ -4,16 +4,10 @@
 transformer weights into host memory; ``Engine.generate()`` gets (or builds) the fused variant for
 the request's LoRA stack and renders each resolved prompt. How each step must be computed to give
 ai-toolkit's pixels is written in docs/sampling.md; the fused variants in docs/architecture.md.
+Preview mode (``generate(..., preview=True)``) renders as ai-toolkit's training sampler did: a
+quanto qfloat8 base built once, the LoRAs attached unmerged per render (``worker.preview``).
 
-Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch each off):
-``drop_padding`` (exact: the masked padding tokens are removed, attention runs unmasked),
-``batch_cfg`` (both guidance branches in one pass, see ``ChromaTransformer.forward_batch``),
-``compile`` (blocks compiled once per worker, shared by every variant, dynamic token counts),
-``attention`` (the fused attention kernel), ``working_copy`` (the variant being rendered keeps
-its float8 weight-only weights dequantized, see ``worker.variants.working_copy``), ``kernels``
-(each block's q/k/v preparation as one Triton kernel, ``worker.kernels``). None of them
-changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
-(opt-in, lossy) adds float8 activations.
+How the loop runs (the speed recipe) and the engine's settings are in ``worker.config``.
 
 Out-of-memory frees memory and fails the request (a render first evicts the other cached variants
 and tries once more); a broken CUDA context becomes ``DeviceLost`` (``worker.device``).
@@ -23,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,97 +28,44 @@ from PIL import Image
 
 from tasks.errors import InvalidRequest, OutOfMemory
 from tasks.results import Progress
-from tasks.schemas import SIZE_MULTIPLE, ResolvedPrompt
-from tasks.settings import (
-    Attention,
-    DType,
-    NegativePrompt,
-    Quantization,
-    Settings,
-    SettingsError,
-    Switch,
-    TextPadding,
-)
+from tasks.schemas import ResolvedPrompt, snap_size
+from tasks.settings import NegativePrompt, Quantization, SettingsError, Switch
 from worker import device as dev
-from worker import memory, sampling
+from worker import memory, preview, sampling
 from worker.blocks import Blocks
 from worker.checkpoint import load_transformer
-from worker.components import load_text_encoder, load_tokenizer, load_vae, quantize_float8
+from worker.components import (
+    TextEncoder,
+    describe_size,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    quantize_float8,
+)
+from worker.config import EngineConfig, Recipe, make_recipe, pick_sources
 from worker.lora import ParsedLora, parse_lora
-from worker.sources import Sources, fingerprint, resolve
-from worker.variants import BaseWeights, Variant, VariantCache, VariantKey, timed_build, working_copy
+from worker.sources import fingerprint, resolve
+from worker.variants import (
+    ActiveCopy,
+    BaseWeights,
+    Variant,
+    VariantCache,
+    VariantKey,
+    timed,
+    timed_build,
+    working_copy,
+)
+
+__all__ = ["Engine", "EngineConfig", "LoraInput", "Recipe", "make_recipe", "pick_sources"]
 
 log = logging.getLogger(__name__)
+PREVIEW = preview.PREVIEW_QUANTIZATION
 
 PARSED_LORAS_KEPT = 8
 TEXT_EMBEDDINGS_KEPT = 16
 ProgressFn = Callable[[Progress], None]
 # What the engine says while it loads (component, what it does), for a command line to show.
 LoadReport = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's settings; every field but ``sources`` is named like its ``Settings`` field."""
-
-    sources: Sources
-    quantization: Quantization = Quantization.FLOAT8
-    dtype: DType = DType.AUTO
-    device: str = "auto"
-    compile: bool = True
-    variant_cache_bytes: int = 0
-    rope_axes: tuple[int, ...] | None = None
-    text_padding: TextPadding = TextPadding.AUTO  # mask on the CPU, drop on CUDA
-    batch_cfg: bool = True  # both guidance branches in one pass (needs the padding dropped)
-    attention: Attention = Attention.CUDNN  # the SDPA kernel on CUDA
-    working_copy: Switch = Switch.AUTO  # the active variant dequantized once (on with CUDA)
-    kernels: Switch = Switch.AUTO  # Triton q/k/v kernels (worker.kernels), on with CUDA and Triton
-    negative_prompt: NegativePrompt = NegativePrompt.HONOR
-
-    def __post_init__(self) -> None:
-        # Plain strings (tests, the bench) become the settings' enums; a wrong one raises here.
-        for name, kind in (
-            ("quantization", Quantization),
-            ("dtype", DType),
-            ("text_padding", TextPadding),
-            ("attention", Attention),
-            ("working_copy", Switch),
-            ("kernels", Switch),
-            ("negative_prompt", NegativePrompt),
-        ):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                choices = ", ".join(member.value for member in kind)
-                raise SettingsError(name, f"{value!r}; choose one of {choices}") from None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> EngineConfig:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
-        return cls(sources=pick_sources(settings), **{name: getattr(settings, name) for name in names})
-
-
-def pick_sources(settings: Settings) -> Sources:
-    return Sources(settings.transformer, settings.text_encoder, settings.tokenizer, settings.vae)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How the denoising loop runs; every flag keeps the quantization's numerics (for
-    "float8-fast", ``kernels`` adds the image layers' bias after the float8 matmul's rounding
-    rather than inside it: a difference at bf16 rounding, see ``chroma_model.product``)."""
-
-    drop_padding: bool
-    batch_cfg: bool
-    compile: bool
-    attention: Attention
-    working_copy: bool = False
-    kernels: bool = False
-
-    def blocks(self) -> Blocks:
-        """A block runner for this recipe (compiled graphs are traced on its first use)."""
-        return Blocks(self.compile, self.attention, self.kernels)
 
 
 @dataclass(frozen=True)
@@ -149,33 +89,9 @@ class Rendered:
 class Generation:
     images: list[Rendered]
     variant: dict
-    layers_merged: list[int]
+    layers_merged: list[int]  # per LoRA: layers merged (fused) or attached unmerged (preview)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def make_recipe(config: EngineConfig, device: torch.device) -> Recipe:
-    """The recipe the settings ask for on this device; refuses what the device cannot run."""
-    cuda = device.type == "cuda"
-    if config.kernels is Switch.ON and not (cuda and dev.triton_available()):
-        raise SettingsError(
-            "kernels",
-            f"'on' needs a CUDA device and Triton (it comes with CUDA builds of torch) and the device is "
-            f"{device}; use 'auto' (on where they run) or 'off'",
-        )
-    padding = config.text_padding
-    return Recipe(
-        # Dropping the masked padding tokens is exact arithmetic and lets attention run unmasked
-        # (fast kernels); masking all 512 reproduces the reference's rounding bit for bit.
-        drop_padding=padding is TextPadding.DROP or (padding is TextPadding.AUTO and cuda),
-        batch_cfg=config.batch_cfg,
-        compile=config.compile and cuda,
-        attention=config.attention if cuda else Attention.AUTO,  # kernel names mean nothing on a CPU
-        # An unquantized model has nothing to dequantize.
-        working_copy=config.quantization.is_float8
-        and (config.working_copy is Switch.ON or (config.working_copy is Switch.AUTO and cuda)),
-        kernels=config.kernels is Switch.ON
-        or (config.kernels is Switch.AUTO and cuda and dev.triton_available()),
-    )
+    preview: bool = False
 
 
 class Engine:
@@ -193,10 +109,11 @@ class Engine:
         self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
+        self.paths: dict[str, Path] = {}
         self.load_seconds: dict[str, float] = {}
-        self._texts: dict[str, sampling.TextEmbedding] = {}  # recent negative prompts' embeddings
         self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
-        self._working: tuple[VariantKey, torch.nn.Module] | None = None  # the active variant, dequantized
+        self._working = ActiveCopy()  # the working copy of the variant being rendered
+        self.previews = preview.PreviewParts(self.device, self.dtype, TEXT_EMBEDDINGS_KEPT)
 
     @property
     def drop_padding(self) -> bool:
@@ -217,6 +134,7 @@ class Engine:
         for name in ("transformer", "text_encoder", "tokenizer", "vae"):
             paths[name] = resolve(getattr(src, name), setting=name)
         self.fingerprints = {name: fingerprint(path) for name, path in paths.items()}
+        self.paths = paths
         t1 = time.perf_counter()
         say(f"transformer: reading {describe_size(paths['transformer'])} from {paths['transformer']}")
         try:
@@ -224,11 +142,13 @@ class Engine:
         except ValueError as exc:  # the checkpoint's shapes and the RoPE setting disagree
             raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
-        # The base weights go to (pinned) host memory while T5 and the VAE load: both wait on
-        # memory and the disk, not on each other.
         pin = self.device.type == "cuda"
         say(f"transformer: {'pinning' if pin else 'keeping'} the base weights in host memory")
-        keeping = _Background(lambda: BaseWeights(cfg, state, self.dtype, pin=pin))
+        # In turn, not alongside T5: loading both at once took longer than one after the other
+        # (28.6 s against 27.4 s at full size on an H200, bench/RESULTS.md run U).
+        self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
+        del state
+        t3 = time.perf_counter()
         say(f"text encoder: loading {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
         self.tokenizer = load_tokenizer(paths["tokenizer"])
         self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
@@ -236,19 +156,16 @@ class Engine:
             quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
         say(f"vae: loading {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
-        t3 = time.perf_counter()
-        self.base = keeping.result()
         t4 = time.perf_counter()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()
-        self._texts = {"": sampling.encode_text(self.tokenizer, self.text_encoder, "")}
+        self.texts = TextEncoder(self.tokenizer, self.text_encoder, kept=TEXT_EMBEDDINGS_KEPT)
         self.load_seconds = {
             "resolve": t1 - t0,
             "weights_read": t2 - t1,
-            "pin": keeping.seconds,  # alongside text_vae
-            "text_vae": t3 - t2,
-            "pin_wait": t4 - t3,
+            "pin": t3 - t2,
+            "text_vae": t4 - t3,
         }
         self.loaded = True
         log.info(
@@ -273,26 +190,29 @@ class Engine:
 
     # -- variants ----------------------------------------------------------------------------
 
-    def variant_key(self, loras: list[LoraInput]) -> VariantKey:
+    def variant_key(self, loras: list[LoraInput], preview: bool = False) -> VariantKey:
+        """The fused variant's key; in preview mode the quantized base's (LoRAs are attached later)."""
         return VariantKey(
             base=self.fingerprints["transformer"],
-            quantization=self.config.quantization.value,
+            quantization=PREVIEW if preview else self.config.quantization.value,
             dtype=str(self.dtype).removeprefix("torch."),
-            loras=tuple((lora.sha256, float(lora.multiplier)) for lora in loras),
+            loras=() if preview else tuple((lora.sha256, float(lora.multiplier)) for lora in loras),
         )
 
-    def get_variant(self, loras: list[LoraInput]) -> tuple[Variant, bool]:
-        """The fused variant for this LoRA stack: (variant, cache hit)."""
+    def get_variant(self, loras: list[LoraInput], preview: bool = False) -> tuple[Variant, bool]:
+        """The fused variant for this LoRA stack, or the preview's quantized base: (variant, hit)."""
         self.load()
-        key = self.variant_key(loras)
+        key = self.variant_key(loras, preview)
         cached = self.variants.get(key)
         if cached is not None:
             return cached, True
-        parsed = self.parse_loras(loras)
-        self._working = None  # another variant's: it would only hold memory during the build
+        parsed = [] if preview else self.parse_loras(loras)
+        self._working.drop()  # another variant's: it would only hold memory during the build
         self.variants.make_room(self._variant_bytes())
 
         def build() -> Variant:
+            if preview:
+                return timed(key, self.device, lambda: self.previews.build_base(self.base), [])
             return timed_build(self.base, key, parsed, self.device)
 
         try:
@@ -314,6 +234,25 @@ class Engine:
         )
         return variant, False
 
+    def preview_variant(self, loras: list[LoraInput]) -> tuple[Variant, bool]:
+        """Preview mode: the quantized base (built once, cached) with ``loras`` attached unmerged:
+        (variant, base cache hit). Loads the preview's T5 on first use."""
+        self.preview_texts()
+        base, hit = self.get_variant([], preview=True)
+        parsed = self.parse_loras(loras)
+        stack = [(lora.sha256, p, mult) for lora, (p, mult) in zip(loras, parsed, strict=True)]
+        layers = [p.num_layers for p, _ in parsed]
+        return dataclasses.replace(base, layers_merged=layers, attached=self.previews.attach(stack)), hit
+
+    def preview_texts(self) -> TextEncoder:
+        """The preview's T5; the device bytes it takes when it loads come out of an automatic budget."""
+        self.load()
+        texts, loaded = self.previews.text_encoder(self.paths["text_encoder"], self.tokenizer)
+        if loaded and not self.config.variant_cache_bytes:
+            self.variants.budget_bytes = max(self.variants.budget_bytes - loaded, self._variant_bytes())
+            self.variants.make_room(0)
+        return texts
+
     def parse_loras(self, loras: list[LoraInput]) -> list[tuple[ParsedLora, float]]:
         """Parsed files by content hash: a new multiplier for a known LoRA reads nothing again."""
         out = []
@@ -332,16 +271,22 @@ class Engine:
         prompts: list[ResolvedPrompt],
         loras: list[LoraInput],
         on_progress: ProgressFn | None = None,
+        preview: bool | None = None,
     ) -> Generation:
-        """Render every prompt with the variant for ``loras``. Raises tasks.errors on failure."""
+        """Render every prompt with the variant for ``loras`` (``preview``: as ai-toolkit's training
+        sampler; None: the configured default). Raises tasks.errors on failure."""
         self.load()
+        preview = self.config.preview if preview is None else preview
         for p in prompts:
-            if p.width % SIZE_MULTIPLE or p.height % SIZE_MULTIPLE:
+            if (snap_size(p.width, preview), snap_size(p.height, preview)) != (p.width, p.height):
                 raise InvalidRequest(
-                    f"size must be a multiple of {SIZE_MULTIPLE} (resolve_prompts snaps it)", field="prompts"
+                    f"size {p.width}x{p.height} is not snapped (resolve_prompts snaps it)", field="prompts"
                 )
         t0 = time.perf_counter()
-        variant, hit = self.get_variant(loras)
+        if preview:
+            variant, hit = dev.guard(self.device, lambda: self.preview_variant(loras))
+        else:
+            variant, hit = self.get_variant(loras)
         timings = {"variant": time.perf_counter() - t0}
         rendered = []
         for p in prompts:
@@ -352,20 +297,8 @@ class Engine:
                     on_progress(Progress(_i + 1, len(prompts), step, total, "denoise"))
 
             rendered.append(self._render_or_evict(variant, p, step_cb))
-        info = {
-            "cache_hit": hit,
-            "build_seconds": round(variant.build_seconds, 4),
-            "variants_cached": len(self.variants),
-            "cache_bytes": self.variants.nbytes,
-            "evictions": self.variants.evictions,
-            "key": {
-                "base": variant.key.base,
-                "quantization": variant.key.quantization,
-                "dtype": variant.key.dtype,
-                "loras": [list(item) for item in variant.key.loras],
-            },
-        }
-        return Generation(rendered, info, list(variant.layers_merged), timings)
+        info = self.variants.describe(variant, hit)
+        return Generation(rendered, info, list(variant.layers_merged), timings, variant.preview)
 
     def _render_or_evict(self, variant: Variant, p: ResolvedPrompt, on_step) -> Rendered:
         """Render; out of memory with other variants cached evicts them and tries once more."""
@@ -378,41 +311,32 @@ class Engine:
             self.release_memory()
             return dev.guard(self.device, lambda: self.render(variant, p, on_step))
 
-    def unconditional(self, p: ResolvedPrompt) -> sampling.TextEmbedding | None:
+    def unconditional(self, p: ResolvedPrompt, preview: bool = False) -> sampling.TextEmbedding | None:
         """The unconditional branch's text: the prompt's ``neg`` (ai-toolkit) or the empty prompt
         (the reference service), per ``negative_prompt``; None when guidance does not run."""
         if not sampling.uses_guidance(p.guidance_scale):
             return None
         text = p.neg if self.config.negative_prompt is NegativePrompt.HONOR else ""
-        return self.encode(text, keep=True)
+        return self.encode(text, keep=True, preview=preview)
 
-    def encode(self, text: str, keep: bool = False) -> sampling.TextEmbedding:
-        """T5 embeddings of ``text``; ``keep`` remembers a few (negative prompts repeat)."""
-        cached = self._texts.get(text)
-        if cached is not None:
-            return cached
-        embedding = sampling.encode_text(self.tokenizer, self.text_encoder, text)
-        if keep:
-            self._texts[text] = embedding
-            while len(self._texts) > TEXT_EMBEDDINGS_KEPT:
-                oldest = next(key for key in self._texts if key != "")
-                del self._texts[oldest]
-        return embedding
+    def encode(self, text: str, keep: bool = False, preview: bool = False) -> sampling.TextEmbedding:
+        """T5 embeddings of ``text`` (the preview's own T5 in preview mode); ``keep`` remembers a few."""
+        return (self.preview_texts() if preview else self.texts).encode(text, keep)
 
     def render(
         self, variant: Variant, p: ResolvedPrompt, on_step: sampling.StepCallback | None = None
     ) -> Rendered:
         """One image: encode, denoise, decode. A non-finite result fails (``NonFiniteRender``)."""
         t0 = time.perf_counter()
-        cond = self.encode(p.prompt)
-        uncond = self.unconditional(p)
+        cond = self.encode(p.prompt, preview=variant.preview)
+        uncond = self.unconditional(p, variant.preview)
         dev.sync(self.device)
         t1 = time.perf_counter()
         latents = self.denoise(variant, p, cond, on_step, uncond=uncond)
         dev.sync(self.device)
         t2 = time.perf_counter()
         sampling.check_finite(latents, "latents", p.index)
-        with sampling.autocast_for(self.device, self.dtype):
+        with self._autocast(variant):
             image = sampling.decode(self.vae, latents, p.height, p.width, p.index)
         t3 = time.perf_counter()
         return Rendered(p, image, {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2})
@@ -429,7 +353,7 @@ class Engine:
         """The denoising loop alone -> packed latents. ``recipe`` overrides the engine's (benchmarks);
         ``uncond`` defaults to ``unconditional(p)``."""
         recipe = recipe or self.recipe
-        uncond = uncond or self.unconditional(p)
+        uncond = uncond or self.unconditional(p, variant.preview)
         blocks = self.blocks_for(recipe)
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
@@ -442,7 +366,7 @@ class Engine:
         def batch_fn(img, txts, pes, timestep, guidance):
             return model.forward_batch(img, txts, pes, timestep, guidance, blocks=blocks)
 
-        with sampling.autocast_for(self.device, self.dtype):
+        with self._autocast(variant):
             return sampling.denoise(
                 model_fn,
                 latents,
@@ -457,36 +381,28 @@ class Engine:
                 on_step=on_step,
             )
 
-    def model_for(self, variant: Variant, recipe: Recipe | None = None):
-        """The module that renders ``variant``: its working copy when the recipe keeps one.
+    def _autocast(self, variant: Variant):
+        """The reference service samples under CUDA autocast; ai-toolkit's training sampler does not."""
+        return nullcontext() if variant.preview else sampling.autocast_for(self.device, self.dtype)
 
-        One working copy exists at a time (the previous one is dropped before the next is made),
-        so switching variants never holds two.
-        """
-        recipe = recipe or self.recipe
+    def model_for(self, variant: Variant, recipe: Recipe | None = None):
+        """The module that renders ``variant``: its working copy when the recipe keeps one (one at a
+        time, ``variants.ActiveCopy``), with the variant's unmerged LoRA layers (preview) attached."""
+        return preview.with_loras(self._base_model_for(variant, recipe or self.recipe), variant.attached)
+
+    def _base_model_for(self, variant: Variant, recipe: Recipe):
         if not recipe.working_copy:
             return variant.model
-        if self._working is not None and self._working[0] == variant.key:
-            return self._working[1]
-        self._working = None
-        try:
-            copy = working_copy(variant.model)
-        except torch.OutOfMemoryError:
-            copy = None  # leave the except block before freeing: its traceback holds the partial copy
-        if copy is None:
-            log.warning("no room for the working copy; this render dequantizes per forward")
-            self.release_memory()
-            return variant.model
-        self._working = (variant.key, copy)
-        return copy
+        make = preview.working_copy if variant.preview else working_copy
+        return self._working.get(variant, make, self.release_memory)
 
     def drop_working_copy(self) -> None:
-        self._working = None
+        self._working.drop()
 
     @property
     def working_variant(self) -> VariantKey | None:
         """The key of the variant whose working copy is held, if any."""
-        return None if self._working is None else self._working[0]
+        return self._working.key
 
     def blocks_for(self, recipe: Recipe) -> Blocks:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
@@ -505,7 +421,7 @@ class Engine:
         """
         self.load()
         out = {}
-        variant, _ = self.get_variant([])
+        variant, _ = self.preview_variant([]) if self.config.preview else self.get_variant([])
         for width, height in sizes:
             for guidance in guidances:
                 prompt = ResolvedPrompt(
@@ -546,40 +462,3 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         working = self._working_bytes() if self.recipe.working_copy else 0
         return memory.variant_budget(free, total, working, self._variant_bytes())
-
-
-class _Background:
-    """``fn()`` in a thread; ``result()`` waits for it and re-raises what it raised."""
-
-    def __init__(self, fn: Callable[[], BaseWeights]):
-        self.seconds = 0.0
-        self._value: BaseWeights | None = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            start = time.perf_counter()
-            try:
-                self._value = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-                self._error = exc
-            self.seconds = time.perf_counter() - start
-
-        self._thread = threading.Thread(target=run, name="base-weights", daemon=True)
-        self._thread.start()
-
-    def result(self) -> BaseWeights:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
-
-
-def describe_size(path: Path) -> str:
-    """A file's or folder's weight bytes, for a person: ``17.8 GB``."""
-    files = list(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    if size <= 0:
-        return "0 B"
-    unit = min(int(math.log(size, 1000)), 4)
-    return f"{size / 1000**unit:.1f} {['B', 'kB', 'MB', 'GB', 'TB'][unit]}"

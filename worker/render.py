@@ -80,7 +80,8 @@ def render_request(
     """Render ``request`` with LoRAs from ``loras`` into ``sink``; returns result.json's content."""
     report = progress or (lambda _p: None)
     device.reset_peak_memory(engine.device)  # result.json reports this request's peak
-    prompts = resolve_prompts(request)
+    preview = engine.config.preview if request.preview is None else request.preview
+    prompts = resolve_prompts(request, preview)
     count = len(prompts)
     timings: dict[str, float] = {}
 
@@ -94,7 +95,7 @@ def render_request(
         LoraInput(lora.path, lora.sha256, spec.network_multiplier, f"loras.{i}.path")
         for i, (spec, lora) in enumerate(zip(request.loras, fetched, strict=True))
     ]
-    generation = engine.generate(prompts, inputs, on_progress=report)
+    generation = engine.generate(prompts, inputs, on_progress=report, preview=preview)
     add_timings(timings, generation.timings)
     timings["variant_hit" if generation.variant["cache_hit"] else "variant_build"] = timings.pop("variant")
 
@@ -104,6 +105,7 @@ def render_request(
             [lora.sha256, spec.network_multiplier] for spec, lora in zip(request.loras, fetched, strict=True)
         ],
         "negative_prompt": negative,
+        "preview": generation.preview,
         "task_id": task_id,
     }
     sink.begin()
@@ -139,6 +141,7 @@ def render_request(
             quantization=engine.config.quantization.value,
             dtype=str(engine.dtype).removeprefix("torch."),
             negative_prompt=negative,
+            preview=generation.preview,
             variant=generation.variant,
             versions=dict(versions()),
             timings={name: round(seconds, 4) for name, seconds in timings.items()},

@@ -48,19 +48,45 @@ StepCallback = Callable[[int, int], None]
 @dataclass(frozen=True)
 class TextEmbedding:
     embeds: Tensor  # (1, 512, context) from T5 without its mask
-    attended: int  # real tokens + one padding token (capped at 512)
+    attended: int  # the leading tokens that attend: real tokens + one padding token (capped at 512)
+    extra: int | None = None  # a padding token further on that attends instead (see ``attended_tokens``)
 
     def for_transformer(self, drop_padding: bool) -> tuple[Tensor, Tensor | None]:
         """The text stream and its mask: the attended tokens alone, or all 512 with a boolean mask."""
         if drop_padding:
-            return self.embeds[:, : self.attended], None
+            kept = self.embeds[:, : self.attended]
+            if self.extra is not None:
+                kept = torch.cat([kept, self.embeds[:, self.extra : self.extra + 1]], dim=1)
+            return kept, None
         mask = torch.zeros(1, self.embeds.shape[1], dtype=torch.bool, device=self.embeds.device)
         mask[:, : self.attended] = True
+        if self.extra is not None:
+            mask[:, self.extra] = True
         return self.embeds, mask
 
 
+def attended_tokens(token_mask: Tensor, mask_dtype: torch.dtype | None = None) -> tuple[int, int | None]:
+    """(leading tokens that attend, a later padding token that attends or None).
+
+    ai-toolkit reads the length as ``int(mask.sum())`` and unmasks the one token at that index. The
+    reference service sums the tokenizer's int64 mask: the real tokens plus the next one. ai-toolkit's
+    training sampler casts the mask to the model dtype first (``mask_dtype``); a bf16 sum is exact up
+    to 256 and rounds to even above, so a longer prompt attends either no padding token (rounded
+    down: the unmasked index is a real token) or one a token further on (rounded up).
+    """
+    real = int(token_mask.sum())
+    length = int(token_mask.to(mask_dtype).sum(dim=-1)[0]) if mask_dtype is not None else real
+    if length >= MAX_TEXT_TOKENS or length < real:
+        return real, None
+    if length == real:
+        return real + 1, None
+    return real, length
+
+
 @torch.inference_mode()
-def encode_text(tokenizer, text_encoder, prompt: str) -> TextEmbedding:
+def encode_text(tokenizer, text_encoder, prompt: str, mask_dtype: torch.dtype | None = None) -> TextEmbedding:
+    """T5 on the 512 padded tokens without its mask; which tokens the transformer sees is
+    ``attended_tokens`` (``mask_dtype``: the preview's mask in the model dtype)."""
     tokens = tokenizer(
         [prompt],
         padding="max_length",
@@ -72,8 +98,8 @@ def encode_text(tokenizer, text_encoder, prompt: str) -> TextEmbedding:
     )
     device = text_encoder.device
     embeds = text_encoder(tokens.input_ids.to(device), output_hidden_states=False)[0]
-    real = int(tokens.attention_mask.sum())
-    return TextEmbedding(embeds.to(text_encoder.dtype), min(real + 1, MAX_TEXT_TOKENS))
+    attended, extra = attended_tokens(tokens.attention_mask, mask_dtype)
+    return TextEmbedding(embeds.to(text_encoder.dtype), attended, extra)
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:

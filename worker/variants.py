@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,10 @@ from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
 
 log = logging.getLogger(__name__)
+
+
+# The quantization of preview mode's base (worker.preview): quanto qfloat8, no LoRA merged.
+PREVIEW_QUANTIZATION = "qfloat8-preview"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class Variant:
     nbytes: int
     build_seconds: float
     layers_merged: list[int] = field(default_factory=list)
+    # Preview mode: LoRA layers applied unmerged at render time (target Linear -> its layers).
+    attached: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def preview(self) -> bool:
+        """Whether this renders as ai-toolkit's training preview (worker.preview)."""
+        return self.key.quantization == PREVIEW_QUANTIZATION
 
 
 class BaseWeights:
@@ -58,25 +70,29 @@ class BaseWeights:
 
     def __init__(self, cfg: ChromaConfig, state: dict[str, Tensor], dtype: torch.dtype, pin: bool):
         self.cfg = cfg
-        if not pin:
-            self.state = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
-            return
-        # One page-locked allocation for every weight, filled in place: a pinned tensor per weight
-        # (hundreds of page-locking calls, each with its own copy) took twice as long at full size.
-        total = sum(tensor.numel() for tensor in state.values())
-        flat = torch.empty(total, dtype=dtype, pin_memory=True)
         self.state = {}
-        start = 0
         for name, tensor in state.items():
-            view = flat[start : start + tensor.numel()].view(tensor.shape)
-            view.copy_(tensor)
-            self.state[name] = view
-            start += tensor.numel()
+            tensor = tensor.to(dtype).contiguous()
+            self.state[name] = tensor.pin_memory() if pin else tensor
 
     def build(
         self, loras: list[tuple[ParsedLora, float]], quantization: Quantization, device: torch.device
     ) -> ChromaTransformer:
         quantization = Quantization(quantization)
+
+        def quantize(part: str, module: torch.nn.Module) -> None:
+            quantize_transformer_part(part, module, quantization)
+
+        return self.build_with(quantize, loras, device)
+
+    def build_with(
+        self,
+        quantize: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+        loras: list[tuple[ParsedLora, float]],
+        device: torch.device,
+    ) -> ChromaTransformer:
+        """The base with ``loras`` merged, each part quantized by ``quantize(part name, module)``,
+        in place, or replaced by the module it returns."""
         with torch.device("meta"):
             model = ChromaTransformer(self.cfg)
         for part, module in _parts(model):
@@ -91,7 +107,10 @@ class BaseWeights:
                 {name[len(prefix) :]: t for name, t in weights.items()}, strict=True, assign=True
             )
             del weights
-            quantize_transformer_part(part, module, quantization)
+            replacement = quantize(part, module)
+            if replacement is not None and replacement is not module:
+                parent, _, attr = part.rpartition(".")
+                setattr(model.get_submodule(parent), attr, replacement)
         model.mod_index = torch.arange(self.cfg.num_modulations, device=device)
         return model.eval().requires_grad_(False)
 
@@ -160,6 +179,43 @@ def working_copy(model: ChromaTransformer) -> ChromaTransformer:
     return copy.eval().requires_grad_(False)
 
 
+class ActiveCopy:
+    """The working copy of the variant being rendered: one at a time, so switching variants never
+    holds two (the previous one is dropped before the next is made)."""
+
+    def __init__(self) -> None:
+        self._held: tuple[VariantKey, torch.nn.Module] | None = None
+
+    @property
+    def key(self) -> VariantKey | None:
+        return None if self._held is None else self._held[0]
+
+    def drop(self) -> None:
+        self._held = None
+
+    def get(
+        self,
+        variant: Variant,
+        make: Callable[[ChromaTransformer], torch.nn.Module],
+        release: Callable[[], None],
+    ) -> torch.nn.Module:
+        """``variant``'s working copy, made by ``make`` unless held; the variant's own model when
+        the copy does not fit (``release`` then frees what the attempt left)."""
+        if self._held is not None and self._held[0] == variant.key:
+            return self._held[1]
+        self._held = None
+        try:
+            copy = make(variant.model)
+        except torch.OutOfMemoryError:
+            copy = None  # leave the except block before freeing: its traceback holds the partial copy
+        if copy is None:
+            log.warning("no room for the working copy; this render dequantizes per forward")
+            release()
+            return variant.model
+        self._held = (variant.key, copy)
+        return copy
+
+
 def module_bytes(model: torch.nn.Module) -> int:
     """Device bytes held by a module's weights (quantized tensors count their packed data)."""
     total = 0
@@ -197,6 +253,23 @@ class VariantCache:
             self._variants.move_to_end(key)
         return variant
 
+    def describe(self, variant: Variant, hit: bool) -> dict:
+        """What result.json says of the variant that rendered (``tasks.results.VariantResult``)."""
+        key = variant.key
+        return {
+            "cache_hit": hit,
+            "build_seconds": round(variant.build_seconds, 4),
+            "variants_cached": len(self),
+            "cache_bytes": self.nbytes,
+            "evictions": self.evictions,
+            "key": {
+                "base": key.base,
+                "quantization": key.quantization,
+                "dtype": key.dtype,
+                "loras": [list(item) for item in key.loras],
+            },
+        }
+
     def make_room(self, incoming_bytes: int) -> None:
         """Evict least-recently-used variants so ``incoming_bytes`` more fits the budget."""
         self._evict(lambda: self.nbytes + incoming_bytes <= self.budget_bytes)
@@ -232,12 +305,20 @@ def timed_build(
     loras: list[tuple[ParsedLora, float]],
     device: torch.device,
 ) -> Variant:
+    layers = [p.num_layers for p, _ in loras]
+    return timed(key, device, lambda: base.build(loras, Quantization(key.quantization), device), layers)
+
+
+def timed(
+    key: VariantKey, device: torch.device, build: Callable[[], ChromaTransformer], layers: list[int]
+) -> Variant:
+    """``build()`` as the variant ``key``, with its build time and device bytes."""
     start = time.perf_counter()
-    model = base.build(loras, Quantization(key.quantization), device)
+    model = build()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return Variant(key, model, module_bytes(model), seconds, [p.num_layers for p, _ in loras])
+    return Variant(key, model, module_bytes(model), seconds, layers)
 
 
 def _short(key: VariantKey) -> str:

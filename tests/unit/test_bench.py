@@ -44,11 +44,13 @@ def test_every_cpu_section_runs_and_reports(tmp_path):
     assert res["e2e"]["size"] == [64, 64] and (tmp_path / "out" / "e2e.png").stat().st_size > 0
     assert res["new_size_and_length"]["new_graphs"] == 0
     assert {"eager_drop_s", "eager_drop_batch_s", "eager_drop_batch_working_s"} <= res.keys()
+    assert res["preview"]["median_s"] > 0 and res["preview"]["new_multiplier"]["new_graphs"] == 0
+    assert 0 < res["preview"]["per_forward_rel"]["cond"] < 1 and res["preview"]["image_psnr_db"] > 0
     assert "skipped_for_time" not in res
 
 
 def test_sections_that_would_end_after_the_deadline_are_skipped_and_listed(tmp_path):
     res = run_bench(tmp_path, "--deadline", "1")
     assert res["warmup_s"] >= 0, "the warm-up always runs"
-    assert res["skipped_for_time"] == ["reference", "switch", "e2e", "new_shapes", "ladder"]
-    assert ["skipped to end by --deadline", "reference,switch,e2e,new_shapes,ladder"] in res["table"]
+    assert res["skipped_for_time"] == ["reference", "preview", "switch", "e2e", "new_shapes", "ladder"]
+    assert ["skipped to end by --deadline", "reference,preview,switch,e2e,new_shapes,ladder"] in res["table"]

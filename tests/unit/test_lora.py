@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from tasks.errors import InvalidLora
+from tasks.errors import InvalidLora, NonFiniteOutput
 from tasks.schemas import ResolvedPrompt
 from tests import loras
 from tests.reference import psnr
@@ -295,3 +295,81 @@ def test_every_linear_of_the_model_accepts_a_lora(tmp_path, base_state):
     parsed = parse(loras.write_ai_toolkit(tmp_path / "all.safetensors", loras.random_lora(modules=every)))
     assert parsed.num_layers == len(every)
     assert changed(merged(base_state, [(parsed, 1.0)]), base_state) == {f"{m}.weight" for m in every}
+
+
+# -- numbers beyond the format: never a black image ---------------------------------------------
+
+MLP = "double_blocks.0.img_mlp.0"  # 64 -> 256 in the tiny model
+
+
+def overflowing(case: str) -> dict[str, Tensor]:
+    """A LoRA whose delta leaves float32: factors of 1e20 (B @ A ~ 4e40), an alpha of 3e38 (scale
+    7.5e37 on a delta of 16), or float64 values of 1e300 (infinite once in float32)."""
+    rank, (out, inp) = 4, (4 * TINY.hidden_size, TINY.hidden_size)
+    value, dtype, alpha = {"factors": (1e20, torch.float32, None), "alpha": (2.0, torch.float16, 3e38)}.get(
+        case, (1e300, torch.float64, None)
+    )
+    tensors = {
+        f"diffusion_model.{MLP}.lora_A.weight": torch.full((rank, inp), value, dtype=dtype),
+        f"diffusion_model.{MLP}.lora_B.weight": torch.full((out, rank), value, dtype=dtype),
+    }
+    if alpha is not None:
+        tensors[f"diffusion_model.{MLP}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+@pytest.mark.parametrize("case", ["factors", "alpha", "float64"])
+def test_non_finite_merge_is_invalid_lora_naming_the_keys(case, tmp_path, base_state, engine_factory):
+    path = loras.write(tmp_path / f"{case}.safetensors", overflowing(case))
+    parsed = parse(path)  # every value is finite in the file's own dtype
+    with pytest.raises(InvalidLora, match=rf"diffusion_model\.{MLP}\.lora_A\.weight") as caught:
+        merged(base_state, [(parsed, 1.0)])
+    assert caught.value.field == FIELD and "NaN or infinite" in caught.value.message
+    engine = engine_factory("none", "float32")
+    cached = len(engine.variants)
+    with pytest.raises(InvalidLora, match=rf"diffusion_model\.{MLP}"):
+        engine.generate([PROMPT], [lora_input(path)])
+    assert len(engine.variants) == cached
+
+
+@pytest.mark.parametrize("case", ["factors", "alpha", "float64"])
+def test_non_finite_unmerged_lora_in_preview_fails_never_renders(case, tmp_path, engine_factory):
+    """Unmerged, nothing overflows before the forward: the render fails as non_finite_output (or
+    the file as invalid_lora, where its values leave float32 already), never a black image."""
+    path = loras.write(tmp_path / f"{case}.safetensors", overflowing(case))
+    engine = engine_factory("none", "float32")
+    with pytest.raises((NonFiniteOutput, InvalidLora)) as caught:
+        engine.generate([PROMPT], [lora_input(path)], preview=True)
+    expected = "invalid_lora" if case == "float64" else "non_finite_output"
+    assert caught.value.code == expected
+    assert caught.value.field == (FIELD if case == "float64" else "prompts.0")
+
+
+def test_non_finite_latents_fail_the_render(tmp_path, engine_factory):
+    """A LoRA finite after the merge (final layer weights ~1e36) whose activations overflow."""
+    module = "final_layer.linear"
+    tensors = {
+        f"diffusion_model.{module}.lora_A.weight": torch.full((1, TINY.hidden_size), 1e18),
+        f"diffusion_model.{module}.lora_B.weight": torch.full((TINY.in_channels, 1), 1e18),
+    }
+    path = loras.write(tmp_path / "huge.safetensors", tensors)
+    engine = engine_factory("none", "float32")
+    variant, _ = engine.get_variant([lora_input(path)])
+    assert torch.isfinite(variant.model.final_layer.linear.weight).all()
+    with pytest.raises(NonFiniteOutput, match="the latents hold NaN or infinite values") as caught:
+        engine.generate([PROMPT], [lora_input(path)])
+    assert caught.value.code == "non_finite_output" and caught.value.field == "prompts.0"
+
+
+def test_non_finite_pixels_fail_even_when_the_latents_are_finite(engine_factory, monkeypatch):
+    """A VAE that overflows (patched here) is caught on the decoded pixels."""
+    engine = engine_factory("none", "float32")
+    real = engine.vae.decode
+
+    def overflowing_decode(latents, return_dict=False):
+        image = real(latents, return_dict=return_dict)[0]
+        return (image * float("inf"),)
+
+    monkeypatch.setattr(engine.vae, "decode", overflowing_decode)
+    with pytest.raises(NonFiniteOutput, match="decoded pixels"):
+        engine.generate([PROMPT], [])

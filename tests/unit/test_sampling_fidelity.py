@@ -7,9 +7,12 @@ name the fact that broke, so a failure says what to look at.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tasks.schemas import ResolvedPrompt
 from tests.reference import psnr
@@ -21,10 +24,12 @@ CASES = [
     ("portrait of a woman smiling", 128, 96, 123, 3, 7.5),
     ("", 64, 64, 5, 2, 0.0),
 ]
+GUIDED = [case for case in CASES if case[5] > 1]
+NEG = "painting style, blue sky, old"  # words of the tiny tokenizer's vocabulary
 
 
-def render(engine, prompt, width, height, seed, steps, guidance):
-    p = ResolvedPrompt(0, prompt, "", width, height, steps, guidance, seed)
+def render(engine, prompt, width, height, seed, steps, guidance, neg=""):
+    p = ResolvedPrompt(0, prompt, neg, width, height, steps, guidance, seed)
     return engine.generate([p], []).images[0].image
 
 
@@ -94,7 +99,7 @@ def test_one_extra_padding_token_attends(engine_factory):
     assert none is None and dropped.shape[1] == real + 1
 
 
-def test_uncond_is_empty_string_and_cfg_only_above_one(engine_factory):
+def test_uncond_is_the_negative_prompt_and_cfg_only_above_one(engine_factory):
     engine = engine_factory()
     calls = []
 
@@ -102,16 +107,19 @@ def test_uncond_is_empty_string_and_cfg_only_above_one(engine_factory):
         calls.append((txt.clone(), timestep.clone(), guidance.clone()))
         return torch.zeros_like(img)
 
-    empty = sampling.encode_text(engine.tokenizer, engine.text_encoder, "")
+    neg = sampling.encode_text(engine.tokenizer, engine.text_encoder, NEG)
     cond = sampling.encode_text(engine.tokenizer, engine.text_encoder, "a dog")
     for guidance, per_step in ((1.0, 1), (1.5, 2)):
         calls.clear()
+        p = ResolvedPrompt(0, "a dog", NEG, 64, 64, 3, guidance, 0)
+        uncond = engine.unconditional(p)
+        assert (uncond is None) == (per_step == 1), "no unconditional branch without guidance"
         latents = torch.zeros(1, 16, 64)
         ids = sampling.image_ids(64, 64, torch.float32, torch.device("cpu"))
         sched = sampling.make_scheduler(3, 16, torch.device("cpu"))
-        sampling.denoise(spy, latents, cond, empty, guidance, sched, engine.cfg.axes_dim, ids)
+        sampling.denoise(spy, latents, cond, uncond, guidance, sched, engine.cfg.axes_dim, ids)
         assert len(calls) == 3 * per_step
-    torch.testing.assert_close(calls[1][0], empty.embeds[:, : empty.attended])
+    torch.testing.assert_close(calls[1][0], neg.embeds[:, : neg.attended])  # ai-toolkit: neg, encoded
     for _, _, g in calls:
         assert torch.equal(g, torch.zeros(1)), "distilled guidance input must be 0"
 
@@ -175,3 +183,104 @@ def test_same_request_same_pixels(engine_factory):
     c = render(engine, "a dog", 64, 64, 10, 2, 4.0)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+# -- the negative prompt -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ignoring_engine(tiny_sources):
+    """The reference service's behaviour: ``neg`` ignored, the empty prompt always."""
+    from worker.engine import Engine, EngineConfig
+
+    engine = Engine(
+        EngineConfig(tiny_sources, quantization="none", dtype="float32", negative_prompt="ignore")
+    )
+    engine.load()
+    return engine
+
+
+@pytest.mark.parametrize("case", GUIDED, ids=lambda c: f"{c[1]}x{c[2]}-g{c[5]}")
+@pytest.mark.parametrize("text_padding", ["mask", "drop"])
+def test_negative_prompt_float32_same_pixels_as_reference(
+    engine_factory, reference_factory, case, text_padding
+):
+    prompt, width, height, seed, steps, guidance = case
+    expected = reference_factory(torch.float32)(prompt, width, height, steps, guidance, seed, NEG)
+    engine = engine_factory("none", "float32", text_padding)
+    got = render(engine, prompt, width, height, seed, steps, guidance, NEG)
+    if text_padding == "mask":  # the reference's own arithmetic
+        assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert psnr(got, expected) >= 60
+    without = reference_factory(torch.float32)(prompt, width, height, steps, guidance, seed)
+    assert psnr(got, without) < 40, "the negative prompt must change this image"
+
+
+@pytest.mark.parametrize("case", GUIDED, ids=lambda c: f"{c[1]}x{c[2]}-g{c[5]}")
+def test_negative_prompt_bfloat16_matches_reference_rounding(engine_factory, reference_factory, case):
+    prompt, width, height, seed, steps, guidance = case
+    expected = reference_factory(torch.bfloat16)(prompt, width, height, steps, guidance, seed, NEG)
+    got = render(
+        engine_factory("none", "bfloat16", "mask"), prompt, width, height, seed, steps, guidance, NEG
+    )
+    assert psnr(got, expected) >= 40
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_negative_prompt_float8_matches_reference_quantized_the_same_way(engine_factory, tiny_sources, dtype):
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    from tests.reference import ReferenceChroma
+
+    ref = ReferenceChroma(tiny_sources, getattr(torch, dtype))
+    quantize_(ref.text_encoder, Float8WeightOnlyConfig())
+    quantize_(ref.transformer, Float8WeightOnlyConfig())
+    prompt, width, height, seed, steps, guidance = GUIDED[0]
+    expected = ref(prompt, width, height, steps, guidance, seed, NEG)
+    got = render(engine_factory("float8", dtype, "mask"), prompt, width, height, seed, steps, guidance, NEG)
+    assert psnr(got, expected) >= 40
+    assert psnr(got, ref(prompt, width, height, steps, guidance, seed)) < 40, "neg must matter here"
+
+
+def test_negative_prompt_ignore_gives_the_empty_prompt_image(engine_factory, ignoring_engine):
+    prompt, width, height, seed, steps, guidance = GUIDED[0]
+    honoured = engine_factory("none", "float32", "mask")
+    empty = np.asarray(render(honoured, prompt, width, height, seed, steps, guidance, ""))
+    ignored = np.asarray(render(ignoring_engine, prompt, width, height, seed, steps, guidance, NEG))
+    with_neg = render(honoured, prompt, width, height, seed, steps, guidance, NEG)
+    assert np.array_equal(ignored, empty)
+    assert psnr(with_neg, Image.fromarray(empty)) < 40
+    # Without guidance there is no unconditional branch: neg changes nothing, honoured or not.
+    flat = CASES[1]
+    assert np.array_equal(
+        np.asarray(render(honoured, *flat[:5], flat[5], NEG)),
+        np.asarray(render(honoured, *flat[:5], flat[5])),
+    )
+
+
+@pytest.mark.parametrize("setting", ["honor", "ignore"])
+def test_negative_prompt_applied_is_in_result_and_png_parameters(tiny_sources, tmp_path, setting):
+    from tasks.schemas import validate_request
+    from worker.engine import Engine, EngineConfig
+    from worker.render import FolderLoras, FolderOutputs, render_request
+
+    engine = Engine(EngineConfig(tiny_sources, quantization="none", dtype="float32", negative_prompt=setting))
+    request = validate_request(
+        {
+            "model": "chroma",
+            "prompts": [{"prompt": "a dog", "width": 64, "height": 64, "sample_steps": 1, "neg": NEG}],
+        }
+    )
+    (tmp_path / "loras").mkdir()
+    result = render_request(
+        engine,
+        request,
+        task_id="t",
+        loras=FolderLoras(tmp_path / "loras", 2**20),
+        sink=FolderOutputs(tmp_path),
+    )
+    params = json.loads(Image.open(tmp_path / "0.png").text["parameters"])
+    assert result.negative_prompt == params["negative_prompt"] == setting
+    assert result.images[0].neg == params["neg"] == NEG
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["negative_prompt"] == setting and stored["preview"] is False
