@@ -67,7 +67,8 @@ examples:
 WORKER_HELP = """\
 Replace this process (os.execvp) with
 
-  python -m celery -A worker worker --pool prefork -Q $CHROMA_QUEUE --concurrency 1 [ARGS...]
+  python -m celery -A worker worker --pool prefork -Q $CHROMA_QUEUE --concurrency 1 \
+      --without-gossip --without-mingle [ARGS...]
 
 Every further argument goes to `celery worker` unchanged (e.g. --loglevel INFO, --hostname
 gpu0@%h); start one such process per GPU. Needs the worker extras installed.
@@ -238,10 +239,11 @@ def command_worker(args: argparse.Namespace) -> int:
 
 def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list[str]:
     """``celery worker`` for one GPU: one pool process (the only one that touches CUDA, replaced when
-    it dies), one task at a time."""
+    it dies), one task at a time. Without gossip and mingle: workers share no revocations or
+    clocks, and the start skips a second of waiting for neighbours."""
     return [
         sys.executable, "-m", "celery", "-A", app, "worker",
-        "--pool", "prefork", "-Q", queue, "--concurrency", "1",
+        "--pool", "prefork", "-Q", queue, "--concurrency", "1", "--without-gossip", "--without-mingle",
         *celery_args,
     ]  # fmt: skip
 

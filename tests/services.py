@@ -153,7 +153,7 @@ class WorkerProcess:
         self.name = name  # the node is name@host
         self.log_path = log
         self.log = log.open("w")
-        extra = ["--loglevel", "INFO", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+        extra = ["--loglevel", "INFO", "-n", f"{name}@%h",
                  "--without-heartbeat"]  # fmt: skip
         argv = worker_argv(queue, extra, app=app)  # the command line production uses
         self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)

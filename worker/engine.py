@@ -143,9 +143,8 @@ class Engine:
             raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
         pin = self.device.type == "cuda"
-        say(f"transformer: {'pinning' if pin else 'keeping'} the base weights in host memory")
-        # In turn, not alongside T5: loading both at once took longer than one after the other
-        # (28.6 s against 27.4 s at full size on an H200, bench/RESULTS.md run U).
+        say("transformer: keeping the base weights in host memory" + (" (pinned as it goes)" if pin else ""))
+        # Page-locked in the background (BaseWeights): the worker serves before it is done.
         self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
         del state
         t3 = time.perf_counter()
@@ -164,7 +163,7 @@ class Engine:
         self.load_seconds = {
             "resolve": t1 - t0,
             "weights_read": t2 - t1,
-            "pin": t3 - t2,
+            "base_weights": t3 - t2,
             "text_vae": t4 - t3,
         }
         self.loaded = True

@@ -88,6 +88,7 @@ def load_runtime(settings: Settings) -> Runtime:
         lora_cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
         _runtime = Runtime(settings, engine, s3, lora_cache)
         figures["total"] = time.perf_counter() - start
+        figures["pinned_at_ready"] = engine.base.pinned.is_set()
         if settings.health_file:
             start_heartbeat(Path(settings.health_file).expanduser())
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}

@@ -21,6 +21,7 @@ size in bf16).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -66,14 +67,35 @@ class Variant:
 
 
 class BaseWeights:
-    """The base transformer under original names, resident on the host in the compute dtype."""
+    """The base transformer under original names, resident on the host in the compute dtype.
+
+    With ``pin``, each weight moves to page-locked memory in a background thread (``pinned`` is
+    set when all have), so a new variant's copies to the device run at full speed. Until then a
+    build reads the weights where they are (the checkpoint's mapped pages): the worker does not
+    wait for the 15-20 s that page-locking 17.8 GB takes before it serves. A weight is replaced
+    whole, under the GIL, so a build never sees half of one.
+    """
 
     def __init__(self, cfg: ChromaConfig, state: dict[str, Tensor], dtype: torch.dtype, pin: bool):
         self.cfg = cfg
-        self.state = {}
-        for name, tensor in state.items():
-            tensor = tensor.to(dtype).contiguous()
-            self.state[name] = tensor.pin_memory() if pin else tensor
+        self.state = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
+        self.pinned = threading.Event()
+        self.pin_seconds = 0.0
+        if not pin:
+            self.pinned.set()
+            return
+        threading.Thread(target=self._pin_all, name="pin-base-weights", daemon=True).start()
+
+    def _pin_all(self) -> None:
+        start = time.perf_counter()
+        try:
+            for name in list(self.state):
+                self.state[name] = self.state[name].pin_memory()
+        except RuntimeError as exc:  # no room to page-lock: builds copy from pageable memory
+            log.warning("base weights stay in pageable memory: %s", exc)
+        self.pin_seconds = time.perf_counter() - start
+        self.pinned.set()
+        log.info("base weights pinned in %.1f s", self.pin_seconds)
 
     def build(
         self, loras: list[tuple[ParsedLora, float]], quantization: Quantization, device: torch.device

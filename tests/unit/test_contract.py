@@ -201,5 +201,5 @@ def test_worker_command_is_one_pool_process_per_gpu() -> None:
     assert argv[0] == sys.executable
     assert argv[1:] == [
         "-m", "celery", "-A", "worker", "worker", "--pool", "prefork", "-Q", "gpu-queue",
-        "--concurrency", "1", "--loglevel", "INFO",
+        "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     ]  # fmt: skip
