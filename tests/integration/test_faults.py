@@ -15,7 +15,6 @@ import uuid
 import pytest
 import redis
 
-from tasks.app import PROGRESS_STATE
 from tasks.errors import (
     DeliveryLimitExceeded,
     InvalidLora,
@@ -27,41 +26,21 @@ from tasks.errors import (
     WorkerError,
 )
 from tasks.names import GENERATE
-from tasks.producer import fetch_meta, submit, wait
-from tests.integration.conftest import LORA_KEY, small_request
+from tasks.producer import submit, wait
+from tests.integration.conftest import (
+    LORA_KEY,
+    broker_is_empty,
+    deliveries,
+    small_request,
+    wait_for_stage,
+    wait_gone,
+)
 from tests.services import SECRET_KEY, RedisServer
 
 pytestmark = pytest.mark.integration
 
 # About 2-3 s of denoising on one CPU thread: long enough to be killed in the middle.
 SLOW = {"width": 512, "height": 512, "sample_steps": 20}
-
-
-def wait_for_stage(app, task_id: str, stage: str, timeout: float = 60) -> dict:
-    """Poll the backend until the task reports ``stage`` in its PROGRESS meta."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        meta = fetch_meta(app, task_id)
-        if meta["status"] == PROGRESS_STATE and meta["result"].get("stage") == stage:
-            return meta["result"]
-        if meta["status"] in ("SUCCESS", "FAILURE"):
-            raise AssertionError(f"task {task_id} ended ({meta['status']}) before stage {stage!r}")
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} did not reach stage {stage!r} within {timeout}s")
-
-
-def wait_gone(pid: int, timeout: float = 10) -> None:
-    """Until ``pid`` has exited (a zombie counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().split(") ")[1].startswith("Z"):
-                    return
-        except (FileNotFoundError, ProcessLookupError):  # reaped meanwhile
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still alive")
 
 
 def kill_mid_denoise(stack, worker, task_id: str, forget: bool = False) -> int:
@@ -77,23 +56,6 @@ def kill_mid_denoise(stack, worker, task_id: str, forget: bool = False) -> int:
         time.sleep(0.2)  # let Redis read whatever the dead process had already sent
         stack.app.AsyncResult(task_id).forget()
     return pid
-
-
-def broker_is_empty(stack) -> bool:
-    """No message left in the queue and none delivered-but-unacknowledged."""
-    client = redis.Redis.from_url(stack.settings.broker_url)
-    try:
-        return client.llen(stack.settings.queue) == 0 and client.hlen("unacked") == 0
-    finally:
-        client.close()
-
-
-def deliveries(stack, task_id: str, retries: int = 0) -> int:
-    client = redis.Redis.from_url(stack.settings.result_backend)
-    try:
-        return int(client.get(f"chroma:deliveries:{task_id}:{retries}") or 0)
-    finally:
-        client.close()
 
 
 # -- 1. worker killed mid-task ---------------------------------------------------------------------
