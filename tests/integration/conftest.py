@@ -20,6 +20,11 @@ from tests.s3server import start_s3_server
 from tests.services import ACCESS_KEY, SECRET_KEY, FaultProxy, RedisServer, WorkerProcess, worker_env
 
 LORA_KEY = "my_lora_job/my_lora.safetensors"
+# The production renewal settings; the fixture's stacks otherwise use a long visibility timeout.
+VISIBILITY_DEFAULTS = {
+    name: Settings.model_fields[name].default
+    for name in ("visibility_timeout", "visibility_refresh_interval")
+}
 EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "request.json").read_text())
 
 

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from tasks.producer import fetch_meta, submit, wait
-from tasks.settings import Settings
 from tests.integration.conftest import (
+    VISIBILITY_DEFAULTS,
     broker_is_empty,
     deliveries,
     small_request,
@@ -29,10 +29,6 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 NODE_LOSS_LIMIT = 60  # seconds from the loss to the task completed elsewhere
-DEFAULTS = {
-    name: Settings.model_fields[name].default
-    for name in ("visibility_timeout", "visibility_refresh_interval")
-}
 
 
 def request(prompts: int, seed: int = 1) -> dict:
@@ -90,7 +86,7 @@ def assert_completed_once_by(stack, s3, task_id: str, result: dict, worker, deli
 
 def test_a_lost_worker_task_is_completed_by_another_within_a_minute(make_stack, s3):
     """SIGKILL of parent and pool process mid-denoise, at the production visibility settings."""
-    stack = make_stack(**DEFAULTS)
+    stack = make_stack(**VISIBILITY_DEFAULTS)
     start_workers(stack, 2)
     task_id = submit(request(1), app=stack.app, settings=stack.settings)
     lost = running_worker(stack, task_id)
@@ -104,8 +100,8 @@ def test_a_lost_worker_task_is_completed_by_another_within_a_minute(make_stack, 
     result = wait(task_id, app=stack.app, timeout=NODE_LOSS_LIMIT, poll_interval=0.2)
     completed = time.monotonic() - killed
     print(
-        f"\nnode lost (visibility {DEFAULTS['visibility_timeout']}s, renewed every "
-        f"{DEFAULTS['visibility_refresh_interval']}s): delivered again after {redelivered:.1f}s, "
+        f"\nnode lost (visibility {VISIBILITY_DEFAULTS['visibility_timeout']}s, renewed every "
+        f"{VISIBILITY_DEFAULTS['visibility_refresh_interval']}s): delivered again after {redelivered:.1f}s, "
         f"completed after {completed:.1f}s"
     )
     assert completed < NODE_LOSS_LIMIT
