@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     queue: str = Field("chroma", min_length=1)
     task_time_limit: int = Field(3600, ge=10, description="hard limit per task, seconds (cold load included)")
     visibility_timeout: int = Field(
-        45, ge=10, description="a task whose worker stops renewing it for this long goes to another worker"
+        40, ge=10, description="a task whose worker stops renewing it for this long goes to another worker"
     )
     visibility_refresh_interval: int = Field(
         10, ge=1, description="seconds between a worker's renewals of the tasks it holds"

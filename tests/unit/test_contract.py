@@ -169,7 +169,7 @@ def test_cli_bad_settings_name_the_variable() -> None:
         timeout=60,
     )
     assert out.returncode == 1
-    assert out.stderr.startswith("error: settings: CHROMA_VISIBILITY_TIMEOUT (45s) must be at least 3 x")
+    assert out.stderr.startswith("error: settings: CHROMA_VISIBILITY_TIMEOUT (40s) must be at least 3 x")
     assert out.stderr.count("\n") == 1
 
 
