@@ -4,6 +4,7 @@ S3 and real workers: tests/integration/test_node_loss.py."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -53,17 +54,18 @@ def test_a_delivery_is_replaced_once_a_later_one_has_started(deliveries, deliver
     assert superseded(deliveries, delivery) is replaced
 
 
+@dataclass(frozen=True)
 class CountedFence(DeliveryFence):
-    """The fence with the delivery count given instead of read from Redis (None: unreachable)."""
+    """The fence reading the last of ``counts`` instead of Redis (none: Redis unreachable)."""
 
-    count: int | None = None
+    counts: list[int] = field(default_factory=list)
 
     def _deliveries(self, wait: float) -> int:
-        if self.count is None:
+        if not self.counts:
             raise TransientError(
                 "could not check that this delivery is the newest: result backend unreachable"
             )
-        return self.count
+        return self.counts[-1]
 
 
 class Sink:
@@ -86,9 +88,8 @@ class Sink:
         self.calls.append(("remove", tuple(keys)))
 
 
-def fenced(count: int | None) -> tuple[FencedOutputs, Sink, CountedFence]:
-    fence = CountedFence(Settings(), "t", 0, delivery=1)
-    object.__setattr__(fence, "count", count)
+def fenced(*counts: int) -> tuple[FencedOutputs, Sink, CountedFence]:
+    fence = CountedFence(Settings(), "t", 0, delivery=1, counts=list(counts))
     sink = Sink()
     return FencedOutputs(sink, fence), sink, fence
 
@@ -106,7 +107,7 @@ def test_fenced_outputs_write_while_the_delivery_is_the_newest() -> None:
 def test_a_replaced_delivery_writes_and_removes_nothing() -> None:
     outputs, sink, fence = fenced(1)
     outputs.begin()
-    object.__setattr__(fence, "count", 2)  # another worker took the task meanwhile
+    fence.counts.append(2)  # another worker took the task meanwhile
     for write in (
         outputs.begin,
         lambda: outputs.put(0, "png", b"x", "image/png"),
@@ -119,7 +120,7 @@ def test_a_replaced_delivery_writes_and_removes_nothing() -> None:
 
 
 def test_an_unknown_count_blocks_writes_and_removals() -> None:
-    outputs, sink, _ = fenced(None)
+    outputs, sink, _ = fenced()
     with pytest.raises(TransientError):
         outputs.put(0, "png", b"x", "image/png")
     outputs.remove(["gen/t/0.png"])
