@@ -77,6 +77,10 @@ class NegativePrompt(str, enum.Enum):
 AddressingStyle = Literal["path", "virtual", "auto"]  # how S3 requests name the bucket
 
 
+# The visibility timeout spans at least this many renewal intervals (``Settings`` checks it).
+VISIBILITY_REFRESHES = 3
+
+
 def _csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -91,7 +95,13 @@ class Settings(BaseSettings):
     result_backend: str = "redis://127.0.0.1:6379/1"
     queue: str = Field("chroma", min_length=1)
     task_time_limit: int = Field(3600, ge=10, description="hard limit per task, seconds (cold load included)")
-    visibility_timeout: int = Field(7200, ge=20, description="Redis redelivery timeout; above the time limit")
+    visibility_timeout: int = Field(
+        40, ge=10, description="a task whose worker stops renewing it for this long goes to another worker"
+    )
+    visibility_refresh_interval: int = Field(
+        10, ge=1, description="seconds between a worker's renewals of the tasks it holds"
+    )
+    stop_grace: int = Field(100, ge=0, description="seconds a stopping worker lets its task finish")
     max_deliveries: int = Field(3, ge=1, description="a task delivered more often than this fails")
     result_expires: int = Field(7 * 24 * 3600, ge=60)
     retry_max: int = Field(4, ge=0, description="retries of a transient infrastructure failure")
@@ -204,11 +214,16 @@ class Settings(BaseSettings):
         raise ValueError(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
 
     @model_validator(mode="after")
-    def _timeouts_nest(self) -> Settings:
-        if self.visibility_timeout <= self.task_time_limit:
+    def _refreshes_fit_the_timeout(self) -> Settings:
+        # A running task's worker renews it every refresh interval (worker.fleet); a timeout of fewer
+        # than VISIBILITY_REFRESHES renewals hands tasks that are still running to another worker.
+        least = VISIBILITY_REFRESHES * self.visibility_refresh_interval
+        if self.visibility_timeout < least:
             raise ValueError(
-                f"CHROMA_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed CHROMA_TASK_TIME_LIMIT "
-                f"({self.task_time_limit}s), or Redis redelivers tasks that are still running"
+                f"CHROMA_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must be at least "
+                f"{VISIBILITY_REFRESHES} x CHROMA_VISIBILITY_REFRESH_INTERVAL "
+                f"({self.visibility_refresh_interval}s) = {least}s, or a pause of the worker's renewals "
+                "hands its running task to another worker; raise the timeout or lower the interval"
             )
         return self
 

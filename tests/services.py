@@ -147,7 +147,10 @@ def write_tls_files(folder: Path) -> tuple[Path, Path, Path]:
 
 
 class WorkerProcess:
-    """``celery -A worker worker`` with one prefork pool process, as production runs it."""
+    """``celery -A worker worker`` with one prefork pool process, as production runs it.
+
+    The worker leads its own process group, so a test can stop, freeze or kill the whole of it
+    (parent and pool process together, as when its machine is lost)."""
 
     def __init__(self, env: dict[str, str], queue: str, log: Path, name: str, app: str = "worker"):
         self.name = name  # the node is name@host
@@ -156,7 +159,9 @@ class WorkerProcess:
         extra = ["--loglevel", "INFO", "-n", f"{name}@%h",
                  "--without-heartbeat"]  # fmt: skip
         argv = worker_argv(queue, extra, app=app)  # the command line production uses
-        self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -181,7 +186,14 @@ class WorkerProcess:
         os.kill(children[0], signal.SIGKILL)
         return children[0]
 
+    def signal_group(self, sig: signal.Signals) -> None:
+        """``sig`` to the parent and its pool process at once (SIGKILL: a lost node; SIGSTOP: a frozen
+        one, its sockets left open; SIGCONT: the frozen node resumes)."""
+        os.killpg(self.process.pid, sig)
+
     def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # a frozen worker could not stop
+            self.signal_group(signal.SIGCONT)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -191,6 +203,8 @@ class WorkerProcess:
                 self.process.wait()
         for pid in self.pool_children():
             os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+            self.signal_group(signal.SIGKILL)
         self.log.close()
 
 

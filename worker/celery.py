@@ -5,10 +5,15 @@ task; nothing connects and no model loads until the worker starts. The parent ch
 before it consumes (``worker.preflight``); the single pool process loads the model
 (``worker_process_init``) and is the only one that touches CUDA.
 
+The parent also keeps its tasks from being handed to another worker while it lives, and hands
+them back when it stops (``worker.fleet``: renewals from ``worker_ready``, a fresh delivery tag
+for a task put back, the stop grace on SIGTERM).
+
 The task body: return a stored success (its acknowledgement was lost), count and bound the
 deliveries, validate, render (``worker.render.render_request``) with S3 in and out, map errors.
 Progress writes are advisory: a backend outage delays them (bounded retries) but never fails the
-generation.
+generation. A delivery that a newer one replaced (its worker was presumed lost) stops at its next
+step or write, writes nothing and leaves no state (``Ignore``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from celery import signals, states
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from tasks.app import PROGRESS_STATE, make_celery
 from tasks.errors import DeliveryLimitExceeded, DeviceLost, TimeLimitExceeded, TransientError
@@ -29,7 +34,7 @@ from tasks.names import GENERATE
 from tasks.results import Progress
 from tasks.schemas import GenerationRequest, validate_request
 from tasks.settings import Settings, SettingsError
-from worker import lifecycle, logs, preflight
+from worker import fleet, lifecycle, logs, preflight
 
 log = logging.getLogger(__name__)
 BACKEND_RETRIES = 30  # jittered exponential backoff capped at 10 s: a minute or two of outage
@@ -40,6 +45,7 @@ app = make_celery(settings)
 # (bounded) instead of failing the task; producers keep failing fast (tasks.producer).
 app.conf.update(result_backend_always_retry=True, result_backend_max_retries=BACKEND_RETRIES)
 signals.after_setup_logger.connect(logs.add_task_ids)
+fleet.renew_delivery_tags_on_restore()
 
 
 @signals.worker_init.connect
@@ -65,6 +71,22 @@ def _load_in_pool_process(**_kwargs: Any) -> None:
     except Exception:
         # Tasks will see the error as transient and go back to the queue for another worker.
         log.exception("worker failed to load its model")
+
+
+@signals.worker_ready.connect
+def _renew_held_tasks(sender: Any, **_kwargs: Any) -> None:
+    """In the parent, once the pool has forked and the consumer is up."""
+    fleet.start_refresher(sender, settings.broker_url, settings.visibility_refresh_interval)
+
+
+@signals.worker_shutting_down.connect
+def _stop_grace(how: str, **_kwargs: Any) -> None:
+    """SIGTERM (a warm shutdown): the running task may finish within the grace, else it is requeued."""
+    if how == "Warm":
+        log.warning(
+            "stopping: a running task has %ss to finish, then goes back to the queue", settings.stop_grace
+        )
+        fleet.requeue_after_grace(settings.stop_grace)
 
 
 @signals.worker_shutdown.connect
@@ -105,8 +127,13 @@ def generate(self, request: dict) -> dict:
         raise TransientError(f"worker could not load its model: {type(exc).__name__}") from exc
 
     host = self.request.hostname or socket.gethostname()
+    fence = lifecycle.DeliveryFence(settings, task_id, self.request.retries, delivery)
 
     def report(progress: Progress) -> None:
+        try:
+            fence.check()  # every step: a delivery that was replaced stops here (Superseded)
+        except TransientError as exc:  # unknown: go on; every write checks again and waits
+            log.warning("task %s: %s", task_id, exc)
         try:
             self.update_state(state=PROGRESS_STATE, meta=replace(progress, host=host).as_meta())
         except SoftTimeLimitExceeded:
@@ -121,7 +148,11 @@ def generate(self, request: dict) -> dict:
         "started_at": started_at,
     }
     try:
-        return render(runtime, checked, task_id, delivery, report, info)
+        return render(runtime, checked, task_id, fence, report, info)
+    except lifecycle.Superseded as exc:
+        # Presumed lost and back: the newer delivery owns the outputs and the task's state.
+        log.warning("task %s: %s; stopping without writing anything", task_id, exc)
+        raise Ignore() from exc
     except DeviceLost as exc:
         lifecycle.exit_for_device_loss(str(exc))
         raise
@@ -133,14 +164,16 @@ def generate(self, request: dict) -> dict:
         ) from None
 
 
-def render(runtime, request: GenerationRequest, task_id: str, delivery: int, report, info) -> dict:
-    """``render_request`` with LoRAs from S3 and outputs to S3, as JSON."""
+def render(
+    runtime, request: GenerationRequest, task_id: str, fence: lifecycle.DeliveryFence, report, info
+) -> dict:
+    """``render_request`` with LoRAs from S3 and outputs to S3 (while ``fence`` holds), as JSON."""
     from worker.render import S3Loras, S3Outputs, render_request
 
     log.info(
         "task %s: delivery %d, %d prompts, %d LoRAs",
         task_id,
-        delivery,
+        fence.delivery,
         len(request.prompts),
         len(request.loras),
     )
@@ -149,9 +182,9 @@ def render(runtime, request: GenerationRequest, task_id: str, delivery: int, rep
         request,
         task_id=task_id,
         loras=S3Loras(runtime.s3, runtime.lora_cache, runtime.settings),
-        sink=S3Outputs(runtime.s3, runtime.settings, task_id),
+        sink=lifecycle.FencedOutputs(S3Outputs(runtime.s3, runtime.settings, task_id), fence),
         progress=report,
-        delivery=delivery,
+        delivery=fence.delivery,
         worker=info,
     )
     return result.model_dump(mode="json")

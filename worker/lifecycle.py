@@ -5,7 +5,9 @@ The Celery parent process never touches CUDA: the model loads in the pool proces
 that process exits (``exit_for_device_loss``); Celery's parent starts a fresh one and, with
 ``task_reject_on_worker_lost``, the task goes back to the queue. Deliveries are counted per task id
 in Redis so a task that kills its process every time fails after ``max_deliveries``; the count
-also fences a stale delivery (a worker that was presumed lost and came back) out of writing.
+also fences a stale delivery (a worker that was presumed lost and came back) out of writing:
+``DeliveryFence`` is checked at every denoising step and before every output write, and a delivery
+that a newer one replaced stops (``Superseded``) without writing an output, a progress or a state.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,14 +34,18 @@ from tasks.errors import TransientError, WorkerError
 from tasks.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported by the pool process only, when it loads
+    from tasks.results import GenerationResult
     from worker.compile_cache import CompileCache
     from worker.engine import Engine
+    from worker.render import OutputSink
 
 log = logging.getLogger(__name__)
 
 DEVICE_LOST_EXIT_CODE = 70
 SETTINGS_EXIT_CODE = 78  # EX_CONFIG: a setting this worker cannot serve
 STARTUP_LOG_PREFIX = "chroma-startup"
+REDIS_TIMEOUT = 10  # seconds to connect or answer: an unreachable Redis must not hang a step
+FENCE_WAIT = 120  # seconds an output write waits for Redis to confirm its delivery is the newest
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 
@@ -194,7 +201,7 @@ def start_heartbeat(path: Path, every: float = HEARTBEAT_SECONDS) -> threading.T
 @functools.cache
 def _redis(url: str) -> redis.Redis:
     """One client (and connection pool) per process and URL, not a new connection per task."""
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
 
 
 def delivery_key(task_id: str, retries: int) -> str:
@@ -208,9 +215,10 @@ def count_delivery(settings: Settings, task_id: str, retries: int) -> int:
     try:
         with client.pipeline() as pipe:
             pipe.incr(key)
-            # As long as the task's result: a redelivery after a visibility timeout (the whole
-            # worker was lost) can come long after the previous delivery.
-            pipe.expire(key, settings.result_expires + settings.visibility_timeout * settings.max_deliveries)
+            # As long as the task's result: every delivery may run to the time limit and be
+            # delivered again a visibility timeout after its worker was lost.
+            lifetime = (settings.task_time_limit + settings.visibility_timeout) * settings.max_deliveries
+            pipe.expire(key, settings.result_expires + lifetime)
             count, _ = pipe.execute()
     except redis.RedisError as exc:
         # Transient: the task is retried after a backoff instead of failing for good.
@@ -218,6 +226,85 @@ def count_delivery(settings: Settings, task_id: str, retries: int) -> int:
             f"could not count this delivery: result backend unreachable ({type(exc).__name__})"
         ) from exc
     return int(count)
+
+
+class Superseded(Exception):
+    """A newer delivery of this task has started: this one stops and writes nothing."""
+
+
+def superseded(deliveries: int, delivery: int) -> bool:
+    """Whether delivery number ``delivery`` was replaced, ``deliveries`` having started so far."""
+    return deliveries > delivery
+
+
+@dataclass(frozen=True)
+class DeliveryFence:
+    """Delivery ``delivery`` of a task (at ``retries``): is it still the newest one?
+
+    A worker presumed lost (frozen, or cut off from Redis for longer than the visibility timeout)
+    may come back while another worker runs the task again; the newer delivery counted itself at
+    its start (``count_delivery``), so the stale one finds a higher count and stops."""
+
+    settings: Settings
+    task_id: str
+    retries: int
+    delivery: int
+
+    def check(self, wait: float = 0.0) -> None:
+        """Raise ``Superseded`` if a newer delivery has started. ``TransientError`` if Redis did not
+        answer, after retrying with backoff for up to ``wait`` seconds."""
+        deliveries = self._deliveries(wait)
+        if superseded(deliveries, self.delivery):
+            raise Superseded(f"delivery {self.delivery} was replaced by delivery {deliveries}")
+
+    def _deliveries(self, wait: float) -> int:
+        deadline = time.monotonic() + wait
+        pause = 0.5
+        while True:
+            try:
+                return int(
+                    _redis(self.settings.result_backend).get(delivery_key(self.task_id, self.retries)) or 0
+                )
+            except redis.RedisError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise TransientError(
+                        "could not check that this delivery is the newest: result backend unreachable "
+                        f"({type(exc).__name__})"
+                    ) from exc
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
+
+
+class FencedOutputs:
+    """An output sink that writes only while its delivery is the newest.
+
+    Keys depend only on the task id, so a stale delivery's write would replace the newer one's:
+    each write checks the fence first (waiting up to ``FENCE_WAIT`` for Redis), and a superseded
+    delivery removes nothing either (the images under its keys are the newer delivery's)."""
+
+    def __init__(self, sink: OutputSink, fence: DeliveryFence):
+        self.sink, self.fence = sink, fence
+        self.result_key = sink.result_key
+
+    def begin(self) -> None:
+        self.fence.check(FENCE_WAIT)
+        self.sink.begin()
+
+    def put(self, index: int, ext: str, data: bytes, content_type: str) -> tuple[str, str]:
+        self.fence.check(FENCE_WAIT)
+        return self.sink.put(index, ext, data, content_type)
+
+    def put_result(self, result: GenerationResult) -> None:
+        self.fence.check(FENCE_WAIT)
+        self.sink.put_result(result)
+
+    def remove(self, keys: Sequence[str]) -> None:
+        try:
+            self.fence.check()
+        except (Superseded, TransientError) as exc:
+            log.warning("task %s: stored images left in place (%s)", self.fence.task_id, exc)
+            return
+        self.sink.remove(keys)
 
 
 def exit_for_device_loss(reason: str) -> None:

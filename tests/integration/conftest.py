@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,13 +11,20 @@ from pathlib import Path
 
 import boto3
 import pytest
+import redis
 
-from tasks.app import make_celery
+from tasks.app import PROGRESS_STATE, make_celery
+from tasks.producer import fetch_meta
 from tasks.settings import Settings
 from tests.s3server import start_s3_server
 from tests.services import ACCESS_KEY, SECRET_KEY, FaultProxy, RedisServer, WorkerProcess, worker_env
 
 LORA_KEY = "my_lora_job/my_lora.safetensors"
+# The production renewal settings; the fixture's stacks otherwise use a long visibility timeout.
+VISIBILITY_DEFAULTS = {
+    name: Settings.model_fields[name].default
+    for name in ("visibility_timeout", "visibility_refresh_interval")
+}
 EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "request.json").read_text())
 
 
@@ -34,6 +42,50 @@ def small_request(**prompt) -> dict:
 
 
 pytestmark = pytest.mark.integration
+
+
+def wait_for_stage(app, task_id: str, stage: str, timeout: float = 60) -> dict:
+    """Poll the backend until the task reports ``stage`` in its PROGRESS meta."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = fetch_meta(app, task_id)
+        if meta["status"] == PROGRESS_STATE and meta["result"].get("stage") == stage:
+            return meta["result"]
+        if meta["status"] in ("SUCCESS", "FAILURE"):
+            raise AssertionError(f"task {task_id} ended ({meta['status']}) before stage {stage!r}")
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not reach stage {stage!r} within {timeout}s")
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Until ``pid`` has exited (a zombie counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ")[1].startswith("Z"):
+                    return
+        except (FileNotFoundError, ProcessLookupError):  # reaped meanwhile
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive")
+
+
+def broker_is_empty(stack) -> bool:
+    """No message left in the queue and none delivered-but-unacknowledged."""
+    client = redis.Redis.from_url(stack.settings.broker_url)
+    try:
+        return client.llen(stack.settings.queue) == 0 and client.hlen("unacked") == 0
+    finally:
+        client.close()
+
+
+def deliveries(stack, task_id: str, retries: int = 0) -> int:
+    client = redis.Redis.from_url(stack.settings.result_backend)
+    try:
+        return int(client.get(f"chroma:deliveries:{task_id}:{retries}") or 0)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +145,10 @@ class Stack:
         if wait:
             worker.wait_ready()
         return worker
+
+    def worker_of(self, host: str) -> WorkerProcess:
+        """The worker whose Celery node name is ``host`` (``name@machine``)."""
+        return next(worker for worker in self.workers if host.partition("@")[0] == worker.name)
 
     def output_keys(self, s3, task_id: str) -> list[str]:
         prefix = f"{self.settings.output_prefix}/{task_id}/"
