@@ -1,21 +1,132 @@
 #!/usr/bin/env bash
-# Idempotent setup for a fresh machine: a virtualenv in .venv with PyTorch, the project with its
-# worker and test extras, and redis-server. Set TORCH_INDEX_URL to install torch from another
-# wheel index (for example a CPU-only one). Versions come from scripts/versions.env.
+# Idempotent setup for a fresh clone: a virtualenv in .venv with PyTorch, the project (editable) with
+# its worker and test extras, and redis-server. A run with nothing to do installs and prints nothing.
+# Versions come from scripts/versions.env.
+#
+# torch: the CPU build where this machine has no NVIDIA driver (no nvidia-smi, no /proc/driver/nvidia),
+# from TORCH_CPU_INDEX_URL; PyPI's build (CUDA on Linux) where it has one. TORCH_INDEX_URL overrides:
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/bootstrap.sh    the CPU build
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 scripts/bootstrap.sh  a CUDA 13.0 build
+# A torch already in .venv at the pinned version is kept, whichever build it is: remove .venv to change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/versions.env
 . scripts/versions.env
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(python -m pip -q --disable-pip-version-check)
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check --upgrade pip
-python -m pip install -q --disable-pip-version-check "torch==$TORCH_TEST_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-python -m pip install -q --disable-pip-version-check -e ".[worker,test]" \
-  "diffusers==$DIFFUSERS_VERSION" "torchao==$TORCHAO_VERSION"
-# A CPU build of torch comes without Triton; the kernel tests run Triton's interpreter.
-python -c "import triton" 2>/dev/null || python -m pip install -q --disable-pip-version-check "triton==$TRITON_TEST_VERSION"
+
+# What is missing from .venv, as words: torch, project (this checkout, editable, with its extras and
+# the pins; also when pyproject.toml or versions.env changed since it was installed), triton.
+STAMP=".venv/.bootstrap-$(printf %s "$PWD" | sha256sum | cut -c1-12)"
+WANTED=$(cat pyproject.toml scripts/versions.env | sha256sum | cut -c1-16)
+missing() {
+  python -I - "$PWD" "$STAMP" "$WANTED" "$TORCH_TEST_VERSION" "$DIFFUSERS_VERSION" "$TORCHAO_VERSION" <<'EOF'
+import importlib.util
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+root, stamp, wanted, torch_pin, diffusers_pin, torchao_pin = sys.argv[1:]
+
+
+def version(name: str) -> str | None:
+    try:
+        return metadata.version(name).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+
+
+try:
+    direct = json.loads(metadata.distribution("chroma-worker").read_text("direct_url.json") or "{}")
+except metadata.PackageNotFoundError:
+    direct = {}
+stamped = Path(stamp).read_text().strip() if Path(stamp).exists() else None
+missing = []
+if version("torch") != torch_pin:
+    missing.append("torch")
+if (
+    direct.get("url") != Path(root).resolve().as_uri()
+    or not direct.get("dir_info", {}).get("editable")
+    or stamped != wanted
+    or version("diffusers") != diffusers_pin
+    or version("torchao") != torchao_pin
+):
+    missing.append("project")
+if importlib.util.find_spec("triton") is None:
+    missing.append("triton")
+print(" ".join(missing))
+EOF
+}
+
+# Exit 0 when the index answers at all (any HTTP status) within 3 s, or is a local folder: pip would
+# otherwise spend minutes retrying an index this machine cannot reach.
+reachable() {
+  python -I - "$1" <<'EOF'
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+url = urllib.parse.urlparse(sys.argv[1].rstrip("/") + "/torch/")
+if url.scheme == "file":
+    sys.exit(0 if Path(urllib.request.url2pathname(url.path)).is_dir() else 1)
+try:
+    urllib.request.urlopen(urllib.request.Request(url.geturl(), method="HEAD"), timeout=3)
+except urllib.error.HTTPError:
+    pass  # it answered
+except (OSError, ValueError):
+    sys.exit(1)
+EOF
+}
+
+install_torch() {
+  local index="" why
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    reachable "$TORCH_INDEX_URL" || { echo "bootstrap: TORCH_INDEX_URL=$TORCH_INDEX_URL does not answer" >&2; exit 1; }
+    index=$TORCH_INDEX_URL why="TORCH_INDEX_URL"
+  elif command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia ]; then
+    why="an NVIDIA driver is present: pip's configured index"
+  elif reachable "$TORCH_CPU_INDEX_URL"; then
+    index=$TORCH_CPU_INDEX_URL why="no NVIDIA driver: $TORCH_CPU_INDEX_URL"
+  else
+    why="no NVIDIA driver, but $TORCH_CPU_INDEX_URL does not answer: pip's configured index"
+  fi
+  "${PIP[@]}" install "torch==$TORCH_TEST_VERSION" ${index:+--index-url "$index"}
+  python -I - "$why" <<'EOF'
+import sys
+from importlib import metadata
+
+version = metadata.version("torch")
+cuda = "+cu" in version or any(r.startswith("nvidia-") for r in metadata.requires("torch") or [])
+print(f"bootstrap: torch {version}, the {'CUDA' if cuda else 'CPU'} build ({sys.argv[1]}; "
+      "TORCH_INDEX_URL chooses, see scripts/bootstrap.sh)")
+EOF
+}
+
+steps=$(missing)
+for step in $steps; do
+  case "$step" in
+    torch) install_torch ;;
+    project)
+      # The editable install's build prints a setuptools notice about folders named like the package.
+      PYTHONWARNINGS="ignore:Editable installation" "${PIP[@]}" install -e ".[worker,test]" \
+        "torch==$TORCH_TEST_VERSION" "diffusers==$DIFFUSERS_VERSION" "torchao==$TORCHAO_VERSION"
+      echo "$WANTED" >"$STAMP"
+      ;;
+    # A CPU build of torch comes without Triton; the kernel tests run Triton's interpreter.
+    triton) "${PIP[@]}" install "triton==$TRITON_TEST_VERSION" ;;
+  esac
+done
+
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
