@@ -344,12 +344,16 @@ class ProgressBar:
         self.stream = stream
         self.redraw = stream.isatty()
         self.open = False
+        self.drawn = 0  # length of the line on screen
 
     def __call__(self, progress: Progress | dict[str, Any]) -> None:
         meta = progress.as_meta() if isinstance(progress, Progress) else progress
-        self.stream.write(
-            ("\r" if self.redraw else "") + format_progress(meta) + ("" if self.redraw else "\n")
-        )
+        line = format_progress(meta)
+        if self.redraw:  # blank what a longer line left ("denoise" redrawn as "upload")
+            line, self.drawn = "\r" + line.ljust(self.drawn), len(line)
+        else:
+            line += "\n"
+        self.stream.write(line)
         self.stream.flush()
         self.open = self.redraw
 

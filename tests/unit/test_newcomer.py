@@ -6,6 +6,7 @@ fails in one line that says what to set.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shlex
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.cli import ProgressBar, format_progress
 from tasks.schemas import validate_request
 from tasks.settings import Settings
 from tests.cli import REFERENCE, REPO, cli_env
@@ -137,3 +139,24 @@ def test_run_with_default_settings_offline_fails_in_one_line(tmp_path: Path) -> 
     assert "point it at a local copy" in line and "chroma-worker tiny-model DIR" in line
     assert out.stdout == ""
     assert elapsed < 30  # no retries against an unreachable hub
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def screen(self) -> str:
+        """The one line a terminal shows: each carriage return writes over the start of the line."""
+        shown = ""
+        for part in self.getvalue().split("\r"):
+            shown = part + shown[len(part) :]
+        return shown
+
+
+def test_progress_bar_redrawn_shorter_leaves_nothing_of_the_longer_line() -> None:
+    terminal = Terminal()
+    bar = ProgressBar(terminal)
+    meta = {"prompt": 1, "prompts": 1, "step": 25, "steps": 25}
+    bar(meta | {"stage": "denoise"})
+    bar(meta | {"stage": "upload"})
+    assert terminal.screen().rstrip() == format_progress(meta | {"stage": "upload"})
