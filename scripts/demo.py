@@ -41,17 +41,18 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where to copy the outputs")
     args = parser.parse_args()
-    quiet(Settings().verbose)
+    verbose = Settings().verbose
+    quiet(verbose)
     try:
         with contextlib.ExitStack() as stack:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chroma-demo-")))
-            return demo(args.request, args.out, work, stack)
+            return demo(args.request, args.out, work, stack, verbose)
     except KeyboardInterrupt:
         print("\ninterrupted: servers stopped, temporary files removed", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def demo(request_path: Path, out: Path, work: Path, stack: contextlib.ExitStack) -> int:
+def demo(request_path: Path, out: Path, work: Path, stack: contextlib.ExitStack, verbose: bool) -> int:
     """The demo; what it starts is stopped by ``stack`` (servers first, then ``work`` is removed)."""
     import boto3
 
@@ -91,6 +92,7 @@ def demo(request_path: Path, out: Path, work: Path, stack: contextlib.ExitStack)
         "text_encoder": sources.text_encoder,
         "tokenizer": sources.tokenizer,
         "vae": sources.vae,
+        "verbose": str(verbose).lower(),
     }
     settings = Settings(**values)
     env = worker_env({f"CHROMA_{k.upper()}": v for k, v in values.items()})
