@@ -263,8 +263,8 @@ def command_tiny_model(args: argparse.Namespace) -> int:
     lines = [f"# a tiny random Chroma in {folder} (random weights: its images are noise)"]
     for name, value in vars(example.sources).items():
         lines.append(f"export CHROMA_{name.upper()}={shlex.quote(value)}")
-    run = [command, "run", str(example.request), "--lora-dir", str(example.lora_dir), "--out", "out"]
-    lines.append(f"# then: {shlex.join(run)}")
+    run = [command, "run", example.request, "--lora-dir", example.lora_dir, "--out", folder / "out"]
+    lines.append(f"# then: {shlex.join(map(str, run))}")
     print("\n".join(lines))
     return EXIT_OK
 

@@ -86,7 +86,7 @@ def test_tiny_model_writes_a_model_lora_and_request_and_prints_the_settings(tiny
     assert all(Path(path).exists() and Path(path).is_relative_to(folder) for path in settings.values())
     # Every line is shell: comments and exports, so `eval "$(chroma-worker tiny-model DIR)"` works.
     assert all(line.startswith(("# ", "export ")) for line in out.stdout.splitlines())
-    assert f"run {folder / 'request.json'} --lora-dir {folder / 'loras'} --out out" in out.stdout
+    assert f"run {folder / 'request.json'} --lora-dir {folder / 'loras'} --out {folder / 'out'}" in out.stdout
     request = validate_request((folder / "request.json").read_text(), Settings().limits)
     assert (folder / "loras" / request.loras[0].path).is_file()
 
