@@ -7,7 +7,8 @@
 # from TORCH_CPU_INDEX_URL; PyPI's build (CUDA on Linux) where it has one. TORCH_INDEX_URL overrides:
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/bootstrap.sh    the CPU build
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 scripts/bootstrap.sh  a CUDA 13.0 build
-# A torch already in .venv at the pinned version is kept, whichever build it is: remove .venv to change.
+# Without a driver, a CPU index that does not answer within 3 s leaves the choice to pip's configured
+# index. A torch already in .venv at the pinned version is kept, whichever build: remove .venv to change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/versions.env
@@ -16,6 +17,7 @@ PYTHON=${PYTHON:-python3}
 PIP=(python -m pip -q --disable-pip-version-check)
 
 if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv ($("$PYTHON" --version))"
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
 fi
@@ -89,26 +91,26 @@ EOF
 }
 
 install_torch() {
-  local index="" why
+  local index="" from why
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     reachable "$TORCH_INDEX_URL" || { echo "bootstrap: TORCH_INDEX_URL=$TORCH_INDEX_URL does not answer" >&2; exit 1; }
     index=$TORCH_INDEX_URL why="TORCH_INDEX_URL"
   elif command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia ]; then
-    why="an NVIDIA driver is present: pip's configured index"
+    why="an NVIDIA driver is present"
   elif reachable "$TORCH_CPU_INDEX_URL"; then
-    index=$TORCH_CPU_INDEX_URL why="no NVIDIA driver: $TORCH_CPU_INDEX_URL"
+    index=$TORCH_CPU_INDEX_URL why="no NVIDIA driver found"
   else
-    why="no NVIDIA driver, but $TORCH_CPU_INDEX_URL does not answer: pip's configured index"
+    why="no NVIDIA driver found, but $TORCH_CPU_INDEX_URL does not answer"
   fi
+  from=${index:-"pip's configured index"}
+  echo "bootstrap: installing torch $TORCH_TEST_VERSION from $from ($why; TORCH_INDEX_URL chooses)"
   "${PIP[@]}" install "torch==$TORCH_TEST_VERSION" ${index:+--index-url "$index"}
-  python -I - "$why" <<'EOF'
-import sys
+  python -I - <<'EOF'
 from importlib import metadata
 
 version = metadata.version("torch")
 cuda = "+cu" in version or any(r.startswith("nvidia-") for r in metadata.requires("torch") or [])
-print(f"bootstrap: torch {version}, the {'CUDA' if cuda else 'CPU'} build ({sys.argv[1]}; "
-      "TORCH_INDEX_URL chooses, see scripts/bootstrap.sh)")
+print(f"bootstrap: torch {version}, the {'CUDA' if cuda else 'CPU'} build")
 EOF
 }
 
@@ -117,18 +119,23 @@ for step in $steps; do
   case "$step" in
     torch) install_torch ;;
     project)
+      echo "bootstrap: installing chroma-worker (editable) with its worker and test extras"
       # The editable install's build prints a setuptools notice about folders named like the package.
       PYTHONWARNINGS="ignore:Editable installation" "${PIP[@]}" install -e ".[worker,test]" \
         "torch==$TORCH_TEST_VERSION" "diffusers==$DIFFUSERS_VERSION" "torchao==$TORCHAO_VERSION"
       echo "$WANTED" >"$STAMP"
       ;;
-    # A CPU build of torch comes without Triton; the kernel tests run Triton's interpreter.
-    triton) "${PIP[@]}" install "triton==$TRITON_TEST_VERSION" ;;
+    triton)
+      # A CPU build of torch comes without Triton; the kernel tests run Triton's interpreter.
+      echo "bootstrap: installing triton $TRITON_TEST_VERSION (the kernel tests run its interpreter)"
+      "${PIP[@]}" install "triton==$TRITON_TEST_VERSION"
+      ;;
   esac
 done
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing redis-server (apt)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
   else
     echo "redis-server is needed (the demo and the tests start their own): apt-get install redis-server, or brew install redis" >&2
