@@ -26,8 +26,9 @@ fi
 
 # What is missing from .venv, as words: torch, project (this checkout, editable, with its extras and
 # the pins; also when pyproject.toml or versions.env changed since it was installed), triton.
-STAMP=".venv/.bootstrap-$(printf %s "$PWD" | sha256sum | cut -c1-12)"
-WANTED=$(cat pyproject.toml scripts/versions.env | sha256sum | cut -c1-16)
+digest() { python -I -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest()[:16])' "$1"; }
+STAMP=".venv/.bootstrap-$(digest "$PWD")"
+WANTED=$(digest "$(cat pyproject.toml scripts/versions.env)")
 missing() {
   python -I - "$PWD" "$STAMP" "$WANTED" "$TORCH_TEST_VERSION" "$DIFFUSERS_VERSION" "$TORCHAO_VERSION" <<'EOF'
 import importlib.util
