@@ -3,32 +3,35 @@
 Writes a tiny random Chroma and an ai-toolkit-format LoRA, starts a private Redis and an S3
 endpoint (moto's server over HTTP), uploads the LoRA, starts a real ``celery -A worker worker``
 process, submits the reference example request through the producer API, follows its progress
-and prints where the image and result.json went (then copies them to ./demo-output).
+and copies the image and result.json from S3 to ./demo-output (the worker's log goes there too).
+Everything else lives in a temporary folder that is removed, and every server stopped, however the
+demo ends (done, failed or interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import boto3
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.app import make_celery  # noqa: E402
-from tasks.producer import submit, wait  # noqa: E402
+from tasks.cli import ProgressBar  # noqa: E402
+from tasks.quiet import quiet  # noqa: E402
 from tasks.settings import Settings  # noqa: E402
-from tests.s3server import start_s3_server  # noqa: E402
-from tests.services import ACCESS_KEY, SECRET_KEY, RedisServer, WorkerProcess, worker_env  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "request.json"
 LORA_KEY = "my_lora_job/my_lora.safetensors"
+# Celery warns a worker started as root; the image runs as uid 1000, the demo as whoever runs it.
+ROOT_WARNING = "ignore:You're running the worker with superuser privileges"
+EXIT_INTERRUPTED = 130
 
 
 def main() -> int:
@@ -38,18 +41,40 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where to copy the outputs")
     args = parser.parse_args()
+    verbose = Settings().verbose
+    quiet(verbose)
+    try:
+        with contextlib.ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chroma-demo-")))
+            return demo(args.request, args.out, work, stack, verbose)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped, temporary files removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
+
+def demo(request_path: Path, out: Path, work: Path, stack: contextlib.ExitStack, verbose: bool) -> int:
+    """The demo; what it starts is stopped by ``stack`` (servers first, then ``work`` is removed)."""
+    import boto3
+
+    from tasks.app import make_celery
+    from tasks.producer import submit, wait
+    from tests.s3server import start_s3_server
+    from tests.services import ACCESS_KEY, SECRET_KEY, RedisServer, WorkerProcess, worker_env
     from worker.tiny import write_lora, write_tiny_chroma
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's access log
-    work = Path(tempfile.mkdtemp(prefix="chroma-demo-"))
-    print(f"[1/5] tiny random Chroma + LoRA in {work}")
+    request = json.loads(request_path.read_text())
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print("[1/5] a tiny random Chroma and a LoRA (in a temporary folder)")
     sources = write_tiny_chroma(work / "model")
     lora = write_lora(work / "lora.safetensors")
 
     print("[2/5] Redis and S3 (moto over HTTP) on free local ports")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's access log
     redis_server = RedisServer(work / "redis")
+    stack.callback(redis_server.stop)
     endpoint, stop_s3 = start_s3_server()
+    stack.callback(stop_s3)
     s3 = boto3.client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",
         aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
@@ -67,45 +92,46 @@ def main() -> int:
         "text_encoder": sources.text_encoder,
         "tokenizer": sources.tokenizer,
         "vae": sources.vae,
+        "verbose": str(verbose).lower(),
     }
     settings = Settings(**values)
     env = worker_env({f"CHROMA_{k.upper()}": v for k, v in values.items()})
     env.pop("OMP_NUM_THREADS", None)  # one worker: let it use every core
-    command = f"celery -A worker worker --pool prefork -Q {settings.queue}"
-    print(f"[3/5] worker: {command} (log: {work}/worker.log)")
-    worker = WorkerProcess(env, settings.queue, work / "worker.log", "demo")
-    try:
-        worker.wait_ready()
-        app = make_celery(settings)
-        request = json.loads(args.request.read_text())
-        task_id = submit(request, app=app, settings=settings)
-        print(f"[4/5] submitted {args.request.name} as task {task_id}")
-        start = time.time()
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), ROOT_WARNING]))
+    log = out / "worker.log"
+    print(f"[3/5] worker: celery -A worker worker --pool prefork -Q {settings.queue} (log: {log})")
+    worker = WorkerProcess(env, settings.queue, log, "demo")
+    finished = False
 
-        def show(meta: dict) -> None:
-            print(
-                f"\r      {meta['stage']:<8} prompt {meta['prompt']}/{meta['prompts']}  "
-                f"step {meta['step']}/{meta['steps']}   ",
-                end="",
-                flush=True,
-            )
-
-        result = wait(task_id, app=app, on_progress=show, timeout=1800, poll_interval=0.2)
-        print(f"\n[5/5] done in {time.time() - start:.1f}s")
-        args.out.mkdir(parents=True, exist_ok=True)
-        for image in result["images"]:
-            local = args.out / Path(image["key"]).name
-            local.write_bytes(s3.get_object(Bucket="outputs", Key=image["key"])["Body"].read())
-            print(f"      image {image['index']}: {image['uri']}  (copy: {local})")
-        (args.out / "result.json").write_text(json.dumps(result, indent=2))
-        print(f"      result: s3://outputs/{result['result_key']}  (copy: {args.out / 'result.json'})")
-        timings = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
-        print(f"      timings: {timings}")
-        return 0
-    finally:
+    def stop_worker() -> None:
+        if not finished:  # a task may be running: a cold shutdown ends it instead of waiting for it
+            worker.process.send_signal(signal.SIGQUIT)
         worker.stop()
-        stop_s3()
-        redis_server.stop()
+
+    stack.callback(stop_worker)
+    worker.wait_ready()
+    app = make_celery(settings)
+    task_id = submit(request, app=app, settings=settings)
+    print(f"[4/5] submitted {request_path.name} as task {task_id}")
+    start = time.time()
+    bar = ProgressBar(sys.stdout)
+    try:
+        result = wait(task_id, app=app, on_progress=bar, timeout=1800, poll_interval=0.2)
+    finally:
+        bar.close()
+    finished = True
+    print(f"[5/5] done in {time.time() - start:.1f}s; copied from S3 to {out}:")
+    for image in result["images"]:
+        local = out / Path(image["key"]).name
+        local.write_bytes(s3.get_object(Bucket="outputs", Key=image["key"])["Body"].read())
+        size = f"{image['width']}x{image['height']}"
+        print(f"      image {image['index']}: {local}  ({size}, seed {image['seed']})")
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"      result: {out / 'result.json'}")
+    print(f"      worker log: {log}")
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
+    print(f"      timings: {timings}")
+    return 0
 
 
 if __name__ == "__main__":

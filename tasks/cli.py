@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     args.celery_args = extra[1:] if extra[:1] == ["--"] else extra
+    quiet_third_party()
     try:
         return int(args.handler(args))
     except InvalidRequest as exc:
@@ -156,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)")
     local.set_defaults(handler=command_run)
 
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="write a tiny random Chroma, a LoRA and a request to try `run` with (no download)",
+        description="Write a tiny random Chroma (about 2 MB; random weights, so its images are noise) with "
+        "an ai-toolkit LoRA under DIR/loras and DIR/request.json, then print the CHROMA_* settings that "
+        'point at it as shell lines to paste, or to run with eval "$(chroma-worker tiny-model DIR)". '
+        "Needs the worker extras.",
+    )
+    tiny.add_argument("folder", metavar="DIR", type=Path, help="folder to write (created if missing)")
+    tiny.set_defaults(handler=command_tiny_model)
+
     worker = commands.add_parser(
         "worker",
         help="start a GPU worker (celery worker: one pool process per GPU, one task at a time)",
@@ -227,6 +239,34 @@ def command_run(args: argparse.Namespace) -> int:
     for image in result.images:
         print(f"image {image.index}: {image.uri}  seed {image.seed}  {image.width}x{image.height}")
     print(f"result: {(args.out / 'result.json').resolve()}")
+    return EXIT_OK
+
+
+def command_tiny_model(args: argparse.Namespace) -> int:
+    import shlex
+
+    folder = args.folder.expanduser().resolve()
+    try:
+        from worker.tiny import write_example
+    except ModuleNotFoundError as exc:
+        print_error(
+            f"tiny-model needs the worker extras (missing module {exc.name}): "
+            "pip install 'chroma-worker[worker]'"
+        )
+        return EXIT_FAILED
+    try:
+        example = write_example(folder)
+    except OSError as exc:
+        print_error(f"cannot write {folder}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    # The command as the user typed it (.venv/bin/chroma-worker), else its installed name.
+    command = sys.argv[0] if Path(sys.argv[0]).name == "chroma-worker" else "chroma-worker"
+    lines = [f"# a tiny random Chroma in {folder} (random weights: its images are noise)"]
+    for name, value in vars(example.sources).items():
+        lines.append(f"export CHROMA_{name.upper()}={shlex.quote(value)}")
+    run = [command, "run", example.request, "--lora-dir", example.lora_dir, "--out", folder / "out"]
+    lines.append(f"# then: {shlex.join(map(str, run))}")
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -306,12 +346,16 @@ class ProgressBar:
         self.stream = stream
         self.redraw = stream.isatty()
         self.open = False
+        self.drawn = 0  # length of the line on screen
 
     def __call__(self, progress: Progress | dict[str, Any]) -> None:
         meta = progress.as_meta() if isinstance(progress, Progress) else progress
-        self.stream.write(
-            ("\r" if self.redraw else "") + format_progress(meta) + ("" if self.redraw else "\n")
-        )
+        line = format_progress(meta)
+        if self.redraw:  # blank what a longer line left ("denoise" redrawn as "upload")
+            line, self.drawn = "\r" + line.ljust(self.drawn), len(line)
+        else:
+            line += "\n"
+        self.stream.write(line)
         self.stream.flush()
         self.open = self.redraw
 
@@ -339,6 +383,17 @@ def describe_settings_error(exc: ValidationError) -> str:
     if not error["loc"]:
         return message
     return "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() + f": {message}"
+
+
+def quiet_third_party() -> None:
+    """Third-party warnings, log lines and progress bars hidden (``tasks.quiet``) unless CHROMA_VERBOSE=1."""
+    from tasks.quiet import quiet
+
+    try:
+        verbose = Settings().verbose
+    except ValidationError:  # the command reads the settings again and reports the error itself
+        verbose = False
+    quiet(verbose)
 
 
 def print_error(message: str) -> None:

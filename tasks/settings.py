@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     negative_prompt: NegativePrompt = NegativePrompt.HONOR
     preview: bool = Field(False, description="requests render as ai-toolkit's training preview by default")
 
+    # Third-party warnings, log lines and progress bars shown as the libraries print them (tasks.quiet).
+    verbose: bool = Field(False, description="show third-party warnings and progress bars")
+
     @field_validator("lora_allowed_buckets", mode="before")
     @classmethod
     def _buckets(cls, value: Any) -> Any:

@@ -31,6 +31,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from tasks.app import PROGRESS_STATE, make_celery
 from tasks.errors import DeliveryLimitExceeded, DeviceLost, TimeLimitExceeded, TransientError
 from tasks.names import GENERATE
+from tasks.quiet import quiet
 from tasks.results import Progress
 from tasks.schemas import GenerationRequest, validate_request
 from tasks.settings import Settings, SettingsError
@@ -51,6 +52,7 @@ fleet.renew_delivery_tags_on_restore()
 @signals.worker_init.connect
 def _check_settings(**_kwargs: Any) -> None:
     """In the parent, before the pool starts and before anything is consumed."""
+    quiet(settings.verbose)  # before torch and the model libraries load; the pool processes inherit it
     try:
         preflight.check(settings)
     except SettingsError as exc:

@@ -4,12 +4,14 @@
 transformer checkpoint with original key names, a T5 encoder folder, a tokenizer folder, a
 FLUX-shaped VAE folder) and returns their ``Sources``; the engine then loads them through the same
 code as the 8.9B model. Nothing is downloaded. Weights are drawn from a seeded generator, so the
-same seed gives the same files on every machine.
+same seed gives the same files on every machine. ``write_example(folder)`` adds a LoRA and a request
+that uses it: what ``chroma-worker tiny-model DIR`` writes for a first local run.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,11 +57,42 @@ FLUX_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+# What `chroma-worker tiny-model DIR` writes beside the model (``write_example``).
+EXAMPLE_LORA = "my_lora_job/my_lora.safetensors"
+EXAMPLE_REQUEST = {
+    "model": "chroma",
+    "trigger_word": "sks",
+    "prompts": [
+        {"prompt": "[trigger] a photo of a person", "width": 512, "height": 512, "seed": 42,
+         "sample_steps": 25, "guidance_scale": 4.0, "neg": ""}
+    ],
+    "loras": [{"path": EXAMPLE_LORA, "network_multiplier": 1.0}],
+}  # fmt: skip
 WORDS = tuple(
     "a photo of the person portrait sks ohwx man woman dog cat in on at with red blue green "
     "forest city night day sun light painting style cinematic close up smiling standing "
     "beach mountain snow rain street car house garden flower tree sky water river old young".split()
 )
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tiny model with a LoRA and a request that uses it, ready for ``chroma-worker run``."""
+
+    sources: Sources
+    request: Path
+    lora_dir: Path
+
+
+def write_example(folder: Path) -> Example:
+    """The tiny model in ``folder``, an ai-toolkit LoRA under ``folder/loras`` and ``folder/request.json``
+    (the reference example request at 512x512, a size a CPU renders in seconds)."""
+    sources = write_tiny_chroma(folder)
+    lora_dir = folder / "loras"
+    write_lora(lora_dir / EXAMPLE_LORA)
+    request = folder / "request.json"
+    request.write_text(json.dumps(EXAMPLE_REQUEST, indent=2) + "\n")
+    return Example(sources, request, lora_dir)
 
 
 def write_tiny_chroma(folder: Path, seed: int = 0, std: float = 0.15) -> Sources:
