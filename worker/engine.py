@@ -136,24 +136,24 @@ class Engine:
         self.fingerprints = {name: fingerprint(path) for name, path in paths.items()}
         self.paths = paths
         t1 = time.perf_counter()
-        say(f"transformer: reading {describe_size(paths['transformer'])} from {paths['transformer']}")
+        say(f"transformer: {describe_size(paths['transformer'])} from {paths['transformer']}")
         try:
             cfg, state = load_transformer(paths["transformer"], self.config.rope_axes)
         except ValueError as exc:  # the checkpoint's shapes and the RoPE setting disagree
             raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
         pin = self.device.type == "cuda"
-        say("transformer: keeping the base weights in host memory" + (" (pinned as it goes)" if pin else ""))
+        say("transformer: base weights kept in host memory" + (" (pinned as it goes)" if pin else ""))
         # Page-locked in the background (BaseWeights): the worker serves before it is done.
         self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
         del state
         t3 = time.perf_counter()
-        say(f"text encoder: loading {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
+        say(f"text encoder: {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
         self.tokenizer = load_tokenizer(paths["tokenizer"])
         self.text_encoder = load_text_encoder(paths["text_encoder"], self.dtype, self.device)
         if self.config.quantization.is_float8:
             quantize_float8(self.text_encoder)  # T5 runs once per prompt: weight-only in both modes
-        say(f"vae: loading {describe_size(paths['vae'])} from {paths['vae']}")
+        say(f"vae: {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
         t4 = time.perf_counter()
         self._check_working_copy_fits()
