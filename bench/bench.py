@@ -653,10 +653,8 @@ def faults(engine: Engine, st: dict) -> dict:
     rendered = dev.guard(engine.device, lambda: engine.render(variant, small))
     out["render_after_oom"] = f"ok {rendered.image.size}"
     code = (
-        "import sys, types, torch\n"
-        "sys.modules['worker'] = types.ModuleType('worker')\n"
-        "sys.modules['worker'].__path__ = ['worker']\n"
-        "from worker.engine import is_device_lost, probe_device\n"
+        "import torch\n"
+        "from worker.device import is_device_lost, probe_device\n"
         "try:\n"
         "    torch.zeros(1, device='cuda')[torch.tensor([5], device='cuda')]\n"
         "    torch.cuda.synchronize()\n"
