@@ -44,10 +44,17 @@ class Blocks:
     prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
     kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs each
     block's q/k/v preparation as one Triton kernel (``worker.kernels``), with the tables it reads
-    made once per forward (``tables``); it needs Triton and a device it runs on.
+    made once per forward (``tables``); it needs Triton and a device it runs on. ``backend`` is
+    ``torch.compile``'s ("eager" traces the graphs without generating code: the CPU tests).
     """
 
-    def __init__(self, compile: bool = False, attention: Attention = Attention.AUTO, kernels: bool = False):
+    def __init__(
+        self,
+        compile: bool = False,
+        attention: Attention = Attention.AUTO,
+        kernels: bool = False,
+        backend: str = "inductor",
+    ):
         self.compiled = compile
         self.attention = Attention(attention)
         self.kernels = kernels
@@ -57,8 +64,8 @@ class Blocks:
             # Equal token counts (e.g. two prompts of one length) must not be fused into one symbol,
             # or the next pair of different lengths recompiles.
             fx_config.use_duck_shape = False
-            self._double = torch.compile(run_double, dynamic=None)
-            self._single = torch.compile(run_single, dynamic=None)
+            self._double = torch.compile(run_double, dynamic=None, backend=backend)
+            self._single = torch.compile(run_single, dynamic=None, backend=backend)
         else:
             self._double, self._single = run_double, run_single
 

@@ -63,7 +63,7 @@ def _check_settings(**_kwargs: Any) -> None:
 
 
 @signals.worker_process_init.connect
-def _load_in_pool_process(**_kwargs: Any) -> None:
+def load_in_pool_process(**_kwargs: Any) -> None:
     try:
         lifecycle.load_runtime(settings)
     except DeviceLost as exc:  # e.g. during warm-up: this process can do no device work

@@ -211,7 +211,7 @@ TASK_SCRIPT = textwrap.dedent(
     task.render = render
     task.stored_success = lambda *args: None
     if mode == "lost-while-loading":
-        task._load_in_pool_process()
+        task.load_in_pool_process()
         sys.exit(0)
     request = {"model": "chroma", "prompts": [{"prompt": "a photo", "width": 64, "height": 64}]}
     try:

@@ -139,10 +139,7 @@ def test_compiled_blocks_keep_the_kernels_in_one_graph(monkeypatch):
     monkeypatch.setattr(fx_config, "use_duck_shape", False)
     torch._dynamo.reset()
     counters.clear()
-    blocks = blocks_module.Blocks(kernels=True)
-    blocks.compiled = True
-    blocks._double = torch.compile(blocks_module.run_double, backend="eager")
-    blocks._single = torch.compile(blocks_module.run_single, backend="eager")
+    blocks = blocks_module.Blocks(compile=True, kernels=True, backend="eager")
     torch.manual_seed(0)
     model = chroma_model.ChromaTransformer(TINY).eval()
     graphs = []
