@@ -5,22 +5,29 @@ Only ``run`` and ``worker`` reach the GPU side, and only when called: ``validate
 
 Exit codes: 0 ok; 2 invalid request (or bad usage); 1 anything else that failed (the task, the
 broker, the settings); 130 interrupted. Expected errors print one line on stderr, ``error: ...``,
-naming the field; never a traceback.
+naming the field or the argument, with what the user typed escaped; never a traceback.
+
+A request is read as bytes, at most ``CHROMA_MAX_REQUEST_BYTES`` + 1 of them (an endless stdin is
+refused, never read to its end), and parsed by ``validate_request`` like any other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
 from tasks.errors import InvalidRequest, WorkerError
+from tasks.keys import check_task_id
 from tasks.producer import app_for, status, submit, wait
+from tasks.request_text import one_line, shown
 from tasks.results import Progress
 from tasks.schemas import (
     DEFAULT_SEED_BASE,
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if args.command != "worker" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
+    except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     args.celery_args = extra[1:] if extra[:1] == ["--"] else extra
     try:
@@ -100,10 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # a setting this machine cannot serve (a source, the device)
         print_error(f"settings: {exc}")
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="chroma-worker",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -129,14 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
     send.add_argument("--wait", action="store_true", help="wait for the result, showing progress")
-    send.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S s")
-    send.add_argument("--task-id", default=None, metavar="ID", help="task id to use (default: a new uuid4)")
+    send.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up waiting after S s")
+    send.add_argument(
+        "--task-id",
+        type=task_id_arg,
+        default=None,
+        metavar="ID",
+        help="task id to use (default: a new uuid4)",
+    )
     send.set_defaults(handler=command_submit)
 
     show = commands.add_parser(
         "status", help="print a task's state as JSON", description="Print {state, meta} for a task."
     )
-    show.add_argument("task_id", metavar="TASK_ID")
+    show.add_argument("task_id", type=task_id_arg, metavar="TASK_ID")
     show.set_defaults(handler=command_status)
 
     local = commands.add_parser(
@@ -147,12 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
     local.add_argument(
-        "--lora-dir", required=True, type=Path, metavar="DIR", help="folder the LoRA paths are relative to"
+        "--lora-dir",
+        required=True,
+        type=lora_folder,
+        metavar="DIR",
+        help="folder the LoRA paths are relative to",
     )
     local.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder for images and result.json"
+        "--out", required=True, type=output_folder, metavar="DIR", help="folder for images and result.json"
     )
-    local.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)")
+    local.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)"
+    )
     local.set_defaults(handler=command_run)
 
     worker = commands.add_parser(
@@ -168,14 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_validate(args: argparse.Namespace) -> int:
     settings = Settings()
-    request = validate_request(read_request(args.request), settings.limits)
+    request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     print("\n".join(describe_request(request)))
     return EXIT_OK
 
 
 def command_submit(args: argparse.Namespace) -> int:
     settings = Settings()
-    task_id = submit(read_request(args.request), settings=settings, task_id=args.task_id)
+    request = read_request(args.request, settings.max_request_bytes)
+    task_id = submit(request, settings=settings, task_id=args.task_id)
     print(task_id, flush=True)
     if not args.wait:
         return EXIT_OK
@@ -204,7 +237,7 @@ def command_status(args: argparse.Namespace) -> int:
 def command_run(args: argparse.Namespace) -> int:
     settings = Settings()
     # Validate before importing the GPU side: a bad request fails fast, torch-free.
-    request = validate_request(read_request(args.request), settings.limits)
+    request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     try:
         from worker.local import run_local
     except ModuleNotFoundError as exc:
@@ -246,14 +279,89 @@ def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list
     ]  # fmt: skip
 
 
-def read_request(path: str) -> str:
-    """The request text from a file or stdin (``-``); unreadable -> InvalidRequest."""
+def read_request(path: str, max_bytes: int) -> bytes:
+    """The request's bytes from a file or stdin (``-``): at most ``max_bytes``, never more read.
+
+    A FIFO with no writer reads as empty instead of blocking; unreadable -> InvalidRequest."""
+    if path == "-":
+        if sys.stdin is None:
+            raise InvalidRequest("standard input is closed; give a file, or pipe the request in", "request")
+        data = sys.stdin.buffer.read(max_bytes + 1)
+    else:
+        try:
+            data = _read_file(path, max_bytes + 1)
+        except OSError as exc:
+            raise InvalidRequest(
+                f"cannot read {shown(path)}: {exc.strerror or exc}", field="request"
+            ) from None
+    if len(data) > max_bytes:
+        raise InvalidRequest(
+            f"more than {max_bytes} bytes; the limit is CHROMA_MAX_REQUEST_BYTES={max_bytes}", field="request"
+        )
+    return data
+
+
+def _read_file(path: str, limit: int) -> bytes:
+    # Opened without blocking so a FIFO nobody writes to reads as empty (EOF) instead of hanging.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="request") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"{path} is not UTF-8 text ({exc.reason})", field="request") from exc
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IsADirectoryError(21, "it is a folder, not a file")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(limit)
+    finally:
+        os.close(fd)
+
+
+def seconds(value: str) -> float:
+    """An argument in seconds: a finite number above 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"{shown(value)} is not a number of seconds above 0")
+    return number
+
+
+def task_id_arg(value: str) -> str:
+    try:
+        return check_task_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device_name(value: str) -> str:
+    """``--device``, checked by the same rule as ``CHROMA_DEVICE``."""
+    try:
+        return Settings._device_name(value)  # the field validator of CHROMA_DEVICE: one rule
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(one_line(str(exc))) from None
+
+
+def lora_folder(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        what = "is not a folder" if os.path.lexists(path) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{shown(value)} {what}; give the folder the LoRA paths are under")
+    return path
+
+
+def output_folder(value: str) -> Path:
+    """A folder that exists, or can be made: nothing in its place, and its nearest parent a folder."""
+    path = Path(value)
+    if os.path.lexists(path) and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{shown(value)} exists and is not a folder; give a folder")
+    parent = next((p for p in (path, *path.absolute().parents) if os.path.lexists(p)), Path("/"))
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{shown(value)} is inside {shown(str(parent))}, which is not a folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {shown(str(parent))}; give a folder you can write")
+    return path
 
 
 def describe_request(request: GenerationRequest) -> list[str]:
@@ -331,16 +439,21 @@ def format_progress(meta: dict[str, Any]) -> str:
 
 
 def describe_settings_error(exc: ValidationError) -> str:
-    """The first settings problem, named by its environment variable."""
+    """The first settings problem, named by its environment variable, with the value it had (not
+    for URLs, which may hold a password)."""
     error = exc.errors(include_url=False)[0]
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:
         return message
-    return "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() + f": {message}"
+    name = str(error["loc"][0])
+    if error["type"] != "value_error" and not name.endswith(("_url", "backend")):
+        message += f" (got {shown(error.get('input'))})"
+    return f"CHROMA_{name.upper()}: {message}"
 
 
 def print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message holds (user text is escaped)."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,13 @@ def test_cli_validate_reads_stdin() -> None:
             json.dumps(BAD_WIDTH),
             "error: prompts.0.width: Input should be less than or equal to 4096 (got 4097)\n",
         ),
-        ("{not json", "error: request: request is not valid JSON"),
-        ("[]", "error: request: request must be a JSON object\n"),
+        (
+            "{not json",
+            "error: request: not valid JSON: Expecting property name enclosed in double quotes "
+            "at line 1 column 2\n",
+        ),
+        ('{\n  "model": "chroma"\n  "prompts": []}', "error: request: not valid JSON: Expecting ',' delimiter at line 3 column 3\n"),
+        ("[]", "error: request: must be a JSON object, got a list\n"),
     ],
 )
 def test_cli_validate_rejects_with_one_line(request_text: str, expected: str) -> None:
