@@ -22,10 +22,12 @@ Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` wit
 from __future__ import annotations
 
 from celery import Celery
+from celery.exceptions import ImproperlyConfigured
 
 from tasks.names import GENERATE
+from tasks.request_text import one_line
 from tasks.results import PROGRESS_STATE
-from tasks.settings import Settings
+from tasks.settings import Settings, SettingsError
 
 __all__ = ["PROGRESS_STATE", "get_app", "make_celery", "make_producer", "soft_time_limit"]
 
@@ -108,9 +110,11 @@ def make_producer(settings: Settings) -> Celery:
 
     A worker keeps the patient defaults (a running task waits out a Redis restart); a producer
     fails within ``PRODUCER_MAX_SECONDS`` so a web request gets ``TransientError`` (503) instead of
-    hanging or retrying for minutes.
+    hanging or retrying for minutes. A broker or backend URL Celery cannot use raises
+    ``SettingsError`` here, before anything is sent.
     """
     app = make_celery(settings)
+    check_urls(app)
     retry = {
         "max_retries": PRODUCER_RETRIES,
         "interval_start": 0,
@@ -133,6 +137,28 @@ def make_producer(settings: Settings) -> Celery:
         result_backend_always_retry=False,
     )
     return app
+
+
+def check_urls(app: Celery) -> None:
+    """Parse the broker and result backend URLs (scheme, host, port, options) without connecting."""
+    try:
+        with app.connection_for_write() as connection:
+            _ = connection.transport
+    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        raise SettingsError("broker_url", f"not a broker URL Celery can use ({_reason(exc)})") from None
+    try:
+        _ = app.backend
+    except (ValueError, KeyError, TypeError, ImportError, ImproperlyConfigured) as exc:
+        raise SettingsError(
+            "result_backend", f"not a result backend URL Celery can use ({_reason(exc)})"
+        ) from None
+
+
+def _reason(exc: Exception) -> str:
+    text = one_line(
+        " ".join(str(exc).split()).strip("'")
+    )  # the URL itself is not echoed: it may hold a password
+    return text[:150] or type(exc).__name__
 
 
 _app: Celery | None = None

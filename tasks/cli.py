@@ -8,24 +8,30 @@ broker, the settings); 130 interrupted. Expected errors print one line on stderr
 naming the field or the argument, with what the user typed escaped; never a traceback.
 
 A request is read as bytes, at most ``CHROMA_MAX_REQUEST_BYTES`` + 1 of them (an endless stdin is
-refused, never read to its end), and parsed by ``validate_request`` like any other.
+refused, never read to its end), and parsed by ``validate_request`` like any other; arguments are
+checked as they are parsed (``tasks.cli_input``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import stat
 import sys
-from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from tasks.cli_input import (
+    OneLineParser,
+    device_name,
+    lora_folder,
+    output_folder,
+    read_request,
+    seconds,
+    task_id_arg,
+)
 from tasks.errors import InvalidRequest, WorkerError
-from tasks.keys import check_task_id
 from tasks.producer import app_for, status, submit, wait
 from tasks.request_text import one_line, shown
 from tasks.results import Progress
@@ -43,7 +49,7 @@ from tasks.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_INVALID = 2
+EXIT_INVALID = 2  # also tasks.cli_input's, for usage errors
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -113,13 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout went away (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one ``error:`` line (argparse prints the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INVALID, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,91 +278,6 @@ def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list
     ]  # fmt: skip
 
 
-def read_request(path: str, max_bytes: int) -> bytes:
-    """The request's bytes from a file or stdin (``-``): at most ``max_bytes``, never more read.
-
-    A FIFO with no writer reads as empty instead of blocking; unreadable -> InvalidRequest."""
-    if path == "-":
-        if sys.stdin is None:
-            raise InvalidRequest("standard input is closed; give a file, or pipe the request in", "request")
-        data = sys.stdin.buffer.read(max_bytes + 1)
-    else:
-        try:
-            data = _read_file(path, max_bytes + 1)
-        except OSError as exc:
-            raise InvalidRequest(
-                f"cannot read {shown(path)}: {exc.strerror or exc}", field="request"
-            ) from None
-    if len(data) > max_bytes:
-        raise InvalidRequest(
-            f"more than {max_bytes} bytes; the limit is CHROMA_MAX_REQUEST_BYTES={max_bytes}", field="request"
-        )
-    return data
-
-
-def _read_file(path: str, limit: int) -> bytes:
-    # Opened without blocking so a FIFO nobody writes to reads as empty (EOF) instead of hanging.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise IsADirectoryError(21, "it is a folder, not a file")
-        if hasattr(os, "O_NONBLOCK"):
-            os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(limit)
-    finally:
-        os.close(fd)
-
-
-def seconds(value: str) -> float:
-    """An argument in seconds: a finite number above 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"{shown(value)} is not a number of seconds above 0")
-    return number
-
-
-def task_id_arg(value: str) -> str:
-    try:
-        return check_task_id(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def device_name(value: str) -> str:
-    """``--device``, checked by the same rule as ``CHROMA_DEVICE``."""
-    try:
-        return Settings._device_name(value)  # the field validator of CHROMA_DEVICE: one rule
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(one_line(str(exc))) from None
-
-
-def lora_folder(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        what = "is not a folder" if os.path.lexists(path) else "does not exist"
-        raise argparse.ArgumentTypeError(f"{shown(value)} {what}; give the folder the LoRA paths are under")
-    return path
-
-
-def output_folder(value: str) -> Path:
-    """A folder that exists, or can be made: nothing in its place, and its nearest parent a folder."""
-    path = Path(value)
-    if os.path.lexists(path) and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{shown(value)} exists and is not a folder; give a folder")
-    parent = next((p for p in (path, *path.absolute().parents) if os.path.lexists(p)), Path("/"))
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"{shown(value)} is inside {shown(str(parent))}, which is not a folder"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write in {shown(str(parent))}; give a folder you can write")
-    return path
-
-
 def describe_request(request: GenerationRequest) -> list[str]:
     loras = f"{len(request.loras)} LoRA" + ("" if len(request.loras) == 1 else "s")
     prompts = f"{len(request.prompts)} prompt" + ("" if len(request.prompts) == 1 else "s")
@@ -371,7 +285,7 @@ def describe_request(request: GenerationRequest) -> list[str]:
     for index, spec in enumerate(request.prompts):
         lines.append(f"prompts.{index}: {describe_prompt(request, index, spec)}")
     for index, lora in enumerate(request.loras):
-        lines.append(f"loras.{index}: {lora.path} x{lora.network_multiplier:g}")
+        lines.append(f"loras.{index}: {one_line(lora.path)} x{lora.network_multiplier:g}")
     return lines
 
 
@@ -387,10 +301,13 @@ def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) ->
         seed = f"seed {resolved} ({DEFAULT_SEED_BASE} + index)"
     else:
         seed = f"seed {resolved}"
+    guidance = f"{spec.guidance_scale:g}"
+    if float(guidance) != spec.guidance_scale:  # 1.000005 is not 1: show what the sampler compares
+        guidance = repr(spec.guidance_scale)
     cfg = "" if uses_guidance(spec.guidance_scale) else " (no CFG)"
     text = effective_prompt(request, spec)
     text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{size}, {spec.sample_steps} steps, guidance {spec.guidance_scale:g}{cfg}, {seed}: {text!r}"
+    return f"{size}, {spec.sample_steps} steps, guidance {guidance}{cfg}, {seed}: {text!r}"
 
 
 def describe_result(result: dict[str, Any]) -> list[str]:

@@ -58,8 +58,13 @@ def parse_json(data: str | bytes | bytearray, max_bytes: int) -> Any:
         size = len(data.encode("utf-8", "surrogatepass"))
         if size > max_bytes:
             raise _too_big(f"{size} bytes", max_bytes)
+    text = data.removeprefix(_BOM)
+    if not text.strip():
+        raise InvalidRequest(
+            'is empty; send a JSON object like {"model": "chroma", "prompts": [...]}', "request"
+        )
     try:
-        value = json.loads(data.removeprefix(_BOM), object_pairs_hook=_object, parse_int=_integer)
+        value = json.loads(text, object_pairs_hook=_object, parse_int=_integer)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field="request"
@@ -153,7 +158,10 @@ class _Walk:
     def spend(self, size: int) -> None:
         self.left -= size
         if self.left < 0:
-            raise _too_big(f"more than {self.max_bytes} bytes as JSON", int(self.max_bytes or 0))
+            raise InvalidRequest(
+                f"larger than the limit of {self.max_bytes} bytes as JSON (CHROMA_MAX_REQUEST_BYTES)",
+                "request",
+            )
 
     def visit(self, value: Any, path: tuple[Any, ...]) -> None:
         if isinstance(value, _LongInteger) or (
