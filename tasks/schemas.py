@@ -59,6 +59,9 @@ RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the refer
 # Classifier-free guidance runs only above this scale: ai-toolkit's pipeline threshold.
 CFG_THRESHOLD = 1.00001
 TRIGGER = "[trigger]"  # the placeholder a prompt's trigger word replaces
+MAX_LORA_PATH_CHARS = (
+    len("s3://") + 63 + 1 + MAX_KEY_BYTES
+)  # a URI with the longest bucket name; bytes checked too
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -96,7 +99,7 @@ def _nulls_mean_default(cls: type[BaseModel], data: Any) -> Any:
 class LoraSpec(BaseModel):
     model_config = _STRICT
 
-    path: str = Field(min_length=1, max_length=1024)
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
     network_multiplier: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 1.0
     # Accepted for reference compatibility; only meaningful for mixture-of-experts models.
     transformer: None = None
