@@ -150,7 +150,10 @@ def test_cli_validate_reads_stdin() -> None:
             "error: request: not valid JSON: Expecting property name enclosed in double quotes "
             "at line 1 column 2\n",
         ),
-        ('{\n  "model": "chroma"\n  "prompts": []}', "error: request: not valid JSON: Expecting ',' delimiter at line 3 column 3\n"),
+        (
+            '{\n  "model": "chroma"\n  "prompts": []}',
+            "error: request: not valid JSON: Expecting ',' delimiter at line 3 column 3\n",
+        ),
         ("[]", "error: request: must be a JSON object, got a list\n"),
     ],
 )
