@@ -114,7 +114,6 @@ def make_producer(settings: Settings) -> Celery:
     ``SettingsError`` here, before anything is sent.
     """
     app = make_celery(settings)
-    check_urls(app)
     retry = {
         "max_retries": PRODUCER_RETRIES,
         "interval_start": 0,
@@ -136,6 +135,7 @@ def make_producer(settings: Settings) -> Celery:
         result_backend_transport_options={**app.conf.result_backend_transport_options, "retry_policy": retry},
         result_backend_always_retry=False,
     )
+    check_urls(app)  # after the update: it builds the backend, which reads its options once
     return app
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.app import get_app, make_celery, soft_time_limit
+from tasks.app import (
+    PRODUCER_RETRIES,
+    PRODUCER_SOCKET_TIMEOUT,
+    get_app,
+    make_celery,
+    make_producer,
+    soft_time_limit,
+)
 from tasks.cli import format_progress, main, worker_argv
 from tasks.names import GENERATE
 from tasks.results import Progress
@@ -211,3 +218,20 @@ def test_worker_command_is_one_pool_process_per_gpu() -> None:
         "-m", "celery", "-A", "worker", "worker", "--pool", "prefork", "-Q", "gpu-queue",
         "--concurrency", "1", "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def test_the_producer_app_bounds_every_connection(settings: Settings) -> None:
+    producer = make_producer(settings)
+    backend = producer.backend.connparams  # built after the options (the backend reads them once)
+    assert backend["socket_timeout"] == backend["socket_connect_timeout"] == PRODUCER_SOCKET_TIMEOUT
+    assert backend["retry_on_timeout"] is False
+    assert producer.backend.retry_policy["max_retries"] == PRODUCER_RETRIES
+    broker = producer.conf.broker_transport_options
+    assert broker["socket_timeout"] == broker["socket_connect_timeout"] == PRODUCER_SOCKET_TIMEOUT
+    assert broker["max_retries"] == producer.conf.task_publish_retry_policy["max_retries"] == PRODUCER_RETRIES
+    assert broker["visibility_timeout"] == settings.visibility_timeout
+    # The worker keeps its patience: a running task waits out a Redis restart.
+    worker = make_celery(settings)
+    assert "socket_timeout" not in worker.conf.broker_transport_options
+    assert "retry_policy" not in worker.conf.result_backend_transport_options
+    assert get_app().conf.redis_socket_timeout == PRODUCER_SOCKET_TIMEOUT
