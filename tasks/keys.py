@@ -99,6 +99,16 @@ def lora_key(path: str, lora_prefix: str) -> str:
     return match.group("key") if match else join_key(lora_prefix, path)
 
 
+def lora_key_bytes(path: str, lora_prefix: str) -> int:
+    """``key_bytes(lora_key(path, lora_prefix))``, without judging the prefix (a setting: the worker
+    refuses a bad one where it builds the key)."""
+    match = S3_URI.match(path)
+    if match:
+        return key_bytes(match.group("key"))
+    prefix = lora_prefix.strip("/")
+    return key_bytes(path) + (key_bytes(prefix) + 1 if prefix else 0)
+
+
 def key_bytes(key: str) -> int:
     """The length S3 counts: UTF-8 bytes (a lone surrogate counted as its 3 bytes, then refused)."""
     return len(key.encode("utf-8", "surrogatepass"))

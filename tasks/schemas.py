@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
-from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, key_bytes, lora_bucket, lora_key
+from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key_bytes
 from tasks.request_text import check_shape, field_path, one_line, parse_json, shown
 
 __all__ = [  # check_lora_path_shape and lora_bucket live in tasks.keys; importable from here as before
@@ -323,7 +323,7 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 "give a key relative to the LoRA prefix instead",
                 field=f"loras.{i}.path",
             )
-        size = key_bytes(lora_key(lora.path, limits.lora_prefix))
+        size = lora_key_bytes(lora.path, limits.lora_prefix)
         if size > MAX_KEY_BYTES:
             prefix = " with the LoRA prefix" if bucket is None and limits.lora_prefix.strip("/") else ""
             raise InvalidRequest(

@@ -361,3 +361,11 @@ def test_submit_refuses_an_unsafe_task_id_before_any_connection() -> None:
         with pytest.raises(InvalidRequest) as caught:
             submit(request(), settings=settings, task_id=task_id)
         assert caught.value.field == "task_id", task_id
+
+
+@pytest.mark.parametrize("prefix", ["a//b", "..", "x/./y"])
+def test_a_lora_prefix_the_worker_would_refuse_does_not_break_validation(prefix: str) -> None:
+    # The prefix is a setting: validation counts it and goes on; the worker names it where it builds keys.
+    validate_request(with_lora("job/lora.safetensors"), Limits(lora_prefix=prefix))
+    with pytest.raises(ValueError, match="prefix"):
+        lora_location("job/lora.safetensors", lora_bucket="loras", lora_prefix=prefix)
