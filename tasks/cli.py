@@ -49,7 +49,7 @@ from tasks.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_INVALID = 2  # also tasks.cli_input's, for usage errors
+EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\

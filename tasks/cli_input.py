@@ -18,31 +18,27 @@ from tasks.keys import check_task_id
 from tasks.request_text import one_line, shown
 from tasks.settings import Settings
 
-EXIT_INVALID = 2
+EXIT_USAGE = 2  # argparse's own code for a usage error (tasks.cli: 2, invalid request or usage)
 
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one ``error:`` line (argparse prints the whole usage first)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INVALID, f"error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def read_request(path: str, max_bytes: int) -> bytes:
     """The request's bytes from a file or stdin (``-``): at most ``max_bytes``, never more read.
 
     A FIFO with no writer reads as empty instead of blocking; unreadable -> InvalidRequest."""
-    if path == "-":
-        if sys.stdin is None:
-            raise InvalidRequest("standard input is closed; give a file, or pipe the request in", "request")
-        data = sys.stdin.buffer.read(max_bytes + 1)
-    else:
-        try:
-            data = _read_file(path, max_bytes + 1)
-        except OSError as exc:
-            raise InvalidRequest(
-                f"cannot read {shown(path)}: {exc.strerror or exc}", field="request"
-            ) from None
+    if path == "-" and sys.stdin is None:
+        raise InvalidRequest("standard input is closed; give a file, or pipe the request in", "request")
+    try:
+        data = sys.stdin.buffer.read(max_bytes + 1) if path == "-" else _read_file(path, max_bytes + 1)
+    except OSError as exc:
+        where = "standard input" if path == "-" else shown(path)
+        raise InvalidRequest(f"cannot read {where}: {exc.strerror or exc}", field="request") from None
     if len(data) > max_bytes:
         raise InvalidRequest(
             f"larger than the limit of {max_bytes} bytes (CHROMA_MAX_REQUEST_BYTES)", field="request"

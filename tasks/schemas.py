@@ -27,23 +27,6 @@ from tasks.errors import InvalidRequest
 from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key_bytes
 from tasks.request_text import check_shape, field_path, one_line, parse_json, shown
 
-__all__ = [  # check_lora_path_shape and lora_bucket live in tasks.keys; importable from here as before
-    "GenerationRequest",
-    "Limits",
-    "LoraSpec",
-    "PromptSpec",
-    "ResolvedPrompt",
-    "check_lora_path_shape",
-    "effective_prompt",
-    "effective_prompt_length",
-    "lora_bucket",
-    "resolve_prompts",
-    "seed_for",
-    "snap_size",
-    "uses_guidance",
-    "validate_request",
-]
-
 KNOWN_MODELS = ("chroma",)
 SIZE_MULTIPLE = 32
 MIN_SIDE = 64
@@ -59,9 +42,8 @@ RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the refer
 # Classifier-free guidance runs only above this scale: ai-toolkit's pipeline threshold.
 CFG_THRESHOLD = 1.00001
 TRIGGER = "[trigger]"  # the placeholder a prompt's trigger word replaces
-MAX_LORA_PATH_CHARS = (
-    len("s3://") + 63 + 1 + MAX_KEY_BYTES
-)  # a URI with the longest bucket name; bytes checked too
+# A LoRA path may be an s3:// URI with the longest bucket name; its key's bytes are checked too.
+MAX_LORA_PATH_CHARS = len("s3://") + 63 + 1 + MAX_KEY_BYTES
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
