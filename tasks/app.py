@@ -26,12 +26,14 @@ Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` wit
 from __future__ import annotations
 
 from celery import Celery
+from celery.exceptions import ImproperlyConfigured
 
 from tasks.names import GENERATE
+from tasks.request_text import one_line
 from tasks.results import PROGRESS_STATE
-from tasks.settings import Settings
+from tasks.settings import Settings, SettingsError
 
-__all__ = ["PROGRESS_STATE", "get_app", "make_celery", "soft_time_limit"]
+__all__ = ["PROGRESS_STATE", "get_app", "make_celery", "make_producer", "soft_time_limit"]
 
 # Seconds between the soft time limit (SoftTimeLimitExceeded raised in the task, which can still
 # clean up and report) and the hard one (the process is killed).
@@ -43,6 +45,15 @@ REDIS_CONNECT_TIMEOUT = 10
 # others' scans for seconds, not kombu's default 5 minutes.
 RESTORE_SCAN_INTERVAL = 5
 RESTORE_MUTEX_EXPIRE = 15
+# The producer side (tasks.producer, the CLI) must fail fast instead of retrying for the worker's
+# patience: each connect and each reply waits at most PRODUCER_SOCKET_TIMEOUT seconds, a failed
+# connection is tried PRODUCER_RETRIES more times PRODUCER_RETRY_INTERVAL apart, so submit, wait
+# and status raise TransientError within PRODUCER_MAX_SECONDS (tests/integration/test_producer.py
+# measures each failure: down, wrong password, TLS refused, a server that never answers).
+PRODUCER_SOCKET_TIMEOUT = 3.0
+PRODUCER_RETRIES = 1
+PRODUCER_RETRY_INTERVAL = 0.5
+PRODUCER_MAX_SECONDS = 15
 
 
 def soft_time_limit(hard_limit: int) -> int:
@@ -109,12 +120,68 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def make_producer(settings: Settings) -> Celery:
+    """The app a producer uses: ``make_celery(settings)`` with connections bounded in time.
+
+    A worker keeps the patient defaults (a running task waits out a Redis restart); a producer
+    fails within ``PRODUCER_MAX_SECONDS`` so a web request gets ``TransientError`` (503) instead of
+    hanging or retrying for minutes. A broker or backend URL Celery cannot use raises
+    ``SettingsError`` here, before anything is sent.
+    """
+    app = make_celery(settings)
+    retry = {
+        "max_retries": PRODUCER_RETRIES,
+        "interval_start": 0,
+        "interval_step": PRODUCER_RETRY_INTERVAL,
+        "interval_max": PRODUCER_RETRY_INTERVAL,
+    }
+    sockets = {"socket_timeout": PRODUCER_SOCKET_TIMEOUT, "socket_connect_timeout": PRODUCER_SOCKET_TIMEOUT}
+    app.conf.update(
+        # Broker: connecting (kombu's ensure_connection reads these transport options) and publishing.
+        broker_connection_timeout=PRODUCER_SOCKET_TIMEOUT,
+        broker_connection_max_retries=PRODUCER_RETRIES,
+        broker_transport_options={**app.conf.broker_transport_options, **sockets, **retry},
+        task_publish_retry=True,
+        task_publish_retry_policy=retry,
+        # Result backend: reads (wait, status) and the subscription send_task opens.
+        redis_socket_timeout=PRODUCER_SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=PRODUCER_SOCKET_TIMEOUT,
+        redis_retry_on_timeout=False,
+        result_backend_transport_options={**app.conf.result_backend_transport_options, "retry_policy": retry},
+        result_backend_always_retry=False,
+    )
+    check_urls(app)  # after the update: it builds the backend, which reads its options once
+    return app
+
+
+def check_urls(app: Celery) -> None:
+    """Parse the broker and result backend URLs (scheme, host, port, options) without connecting."""
+    try:
+        with app.connection_for_write() as connection:
+            _ = connection.transport
+    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        raise SettingsError("broker_url", f"not a broker URL Celery can use ({_reason(exc)})") from None
+    try:
+        _ = app.backend
+    except (ValueError, KeyError, TypeError, ImportError, ImproperlyConfigured) as exc:
+        raise SettingsError(
+            "result_backend", f"not a result backend URL Celery can use ({_reason(exc)})"
+        ) from None
+
+
+def _reason(exc: Exception) -> str:
+    text = one_line(
+        " ".join(str(exc).split()).strip("'")
+    )  # the URL itself is not echoed: it may hold a password
+    return text[:150] or type(exc).__name__
+
+
 _app: Celery | None = None
 
 
 def get_app() -> Celery:
-    """The process-wide app, built from ``Settings()`` (the environment) on first use."""
+    """The process-wide producer app, built from ``Settings()`` (the environment) on first use."""
     global _app
     if _app is None:
-        _app = make_celery(Settings())
+        _app = make_producer(Settings())
     return _app

@@ -5,7 +5,11 @@ Only ``run`` and ``worker`` reach the GPU side, and only when called: ``validate
 
 Exit codes: 0 ok; 2 invalid request (or bad usage); 1 anything else that failed (the task, the
 broker, the settings); 130 interrupted. Expected errors print one line on stderr, ``error: ...``,
-naming the field; never a traceback.
+naming the field or the argument, with what the user typed escaped; never a traceback.
+
+A request is read as bytes, at most ``CHROMA_MAX_REQUEST_BYTES`` + 1 of them (an endless stdin is
+refused, never read to its end), and parsed by ``validate_request`` like any other; arguments are
+checked as they are parsed (``tasks.cli_input``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,18 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from tasks.cli_input import (
+    OneLineParser,
+    device_name,
+    lora_folder,
+    output_folder,
+    read_request,
+    seconds,
+    task_id_arg,
+)
 from tasks.errors import InvalidRequest, WorkerError
 from tasks.producer import app_for, status, submit, wait
+from tasks.request_text import one_line, shown
 from tasks.results import Progress
 from tasks.schemas import (
     DEFAULT_SEED_BASE,
@@ -81,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if args.command != "worker" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
+    except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     args.celery_args = extra[1:] if extra[:1] == ["--"] else extra
     quiet_third_party()
@@ -102,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # a setting this machine cannot serve (a source, the device)
         print_error(f"settings: {exc}")
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="chroma-worker",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -131,14 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
     send.add_argument("--wait", action="store_true", help="wait for the result, showing progress")
-    send.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S s")
-    send.add_argument("--task-id", default=None, metavar="ID", help="task id to use (default: a new uuid4)")
+    send.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up waiting after S s")
+    send.add_argument(
+        "--task-id",
+        type=task_id_arg,
+        default=None,
+        metavar="ID",
+        help="task id to use (default: a new uuid4)",
+    )
     send.set_defaults(handler=command_submit)
 
     show = commands.add_parser(
         "status", help="print a task's state as JSON", description="Print {state, meta} for a task."
     )
-    show.add_argument("task_id", metavar="TASK_ID")
+    show.add_argument("task_id", type=task_id_arg, metavar="TASK_ID")
     show.set_defaults(handler=command_status)
 
     local = commands.add_parser(
@@ -149,12 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("request", metavar="REQUEST.json", help="request file, or - for stdin")
     local.add_argument(
-        "--lora-dir", required=True, type=Path, metavar="DIR", help="folder the LoRA paths are relative to"
+        "--lora-dir",
+        required=True,
+        type=lora_folder,
+        metavar="DIR",
+        help="folder the LoRA paths are relative to",
     )
     local.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder for images and result.json"
+        "--out", required=True, type=output_folder, metavar="DIR", help="folder for images and result.json"
     )
-    local.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)")
+    local.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: CHROMA_DEVICE)"
+    )
     local.set_defaults(handler=command_run)
 
     tiny = commands.add_parser(
@@ -181,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_validate(args: argparse.Namespace) -> int:
     settings = Settings()
-    request = validate_request(read_request(args.request), settings.limits)
+    request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     print("\n".join(describe_request(request)))
     return EXIT_OK
 
 
 def command_submit(args: argparse.Namespace) -> int:
     settings = Settings()
-    task_id = submit(read_request(args.request), settings=settings, task_id=args.task_id)
+    request = read_request(args.request, settings.max_request_bytes)
+    task_id = submit(request, settings=settings, task_id=args.task_id)
     print(task_id, flush=True)
     if not args.wait:
         return EXIT_OK
@@ -217,7 +250,7 @@ def command_status(args: argparse.Namespace) -> int:
 def command_run(args: argparse.Namespace) -> int:
     settings = Settings()
     # Validate before importing the GPU side: a bad request fails fast, torch-free.
-    request = validate_request(read_request(args.request), settings.limits)
+    request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     try:
         from worker.local import run_local
     except ModuleNotFoundError as exc:
@@ -288,16 +321,6 @@ def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list
     ]  # fmt: skip
 
 
-def read_request(path: str) -> str:
-    """The request text from a file or stdin (``-``); unreadable -> InvalidRequest."""
-    try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="request") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"{path} is not UTF-8 text ({exc.reason})", field="request") from exc
-
-
 def describe_request(request: GenerationRequest) -> list[str]:
     loras = f"{len(request.loras)} LoRA" + ("" if len(request.loras) == 1 else "s")
     prompts = f"{len(request.prompts)} prompt" + ("" if len(request.prompts) == 1 else "s")
@@ -305,7 +328,7 @@ def describe_request(request: GenerationRequest) -> list[str]:
     for index, spec in enumerate(request.prompts):
         lines.append(f"prompts.{index}: {describe_prompt(request, index, spec)}")
     for index, lora in enumerate(request.loras):
-        lines.append(f"loras.{index}: {lora.path} x{lora.network_multiplier:g}")
+        lines.append(f"loras.{index}: {one_line(lora.path)} x{lora.network_multiplier:g}")
     return lines
 
 
@@ -321,10 +344,13 @@ def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) ->
         seed = f"seed {resolved} ({DEFAULT_SEED_BASE} + index)"
     else:
         seed = f"seed {resolved}"
+    guidance = f"{spec.guidance_scale:g}"
+    if float(guidance) != spec.guidance_scale:  # 1.000005 is not 1: show what the sampler compares
+        guidance = repr(spec.guidance_scale)
     cfg = "" if uses_guidance(spec.guidance_scale) else " (no CFG)"
     text = effective_prompt(request, spec)
     text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{size}, {spec.sample_steps} steps, guidance {spec.guidance_scale:g}{cfg}, {seed}: {text!r}"
+    return f"{size}, {spec.sample_steps} steps, guidance {guidance}{cfg}, {seed}: {text!r}"
 
 
 def describe_result(result: dict[str, Any]) -> list[str]:
@@ -377,12 +403,16 @@ def format_progress(meta: dict[str, Any]) -> str:
 
 
 def describe_settings_error(exc: ValidationError) -> str:
-    """The first settings problem, named by its environment variable."""
+    """The first settings problem, named by its environment variable, with the value it had (not
+    for URLs, which may hold a password)."""
     error = exc.errors(include_url=False)[0]
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:
         return message
-    return "CHROMA_" + "_".join(str(part) for part in error["loc"]).upper() + f": {message}"
+    name = str(error["loc"][0])
+    if error["type"] != "value_error" and not name.endswith(("_url", "backend")):
+        message += f" (got {shown(error.get('input'))})"
+    return f"CHROMA_{name.upper()}: {message}"
 
 
 def quiet_third_party() -> None:
@@ -397,7 +427,8 @@ def quiet_third_party() -> None:
 
 
 def print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message holds (user text is escaped)."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

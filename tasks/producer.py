@@ -7,16 +7,22 @@
     status(task_id)                                 # {"state": "PROGRESS", "meta": {...}}
 
 A request is validated before anything is enqueued, so an invalid one never reaches a worker.
-A failed task re-raises as the ``tasks.errors`` class the worker raised (field and message kept);
-broker or backend outages raise ``TransientError``.
+A failed task re-raises as the ``tasks.errors`` class the worker raised (field and message kept).
+
+A broker or result backend that is down, refuses the password, fails TLS or does not answer
+raises ``TransientError`` (503) within ``tasks.app.PRODUCER_MAX_SECONDS``: the app built here
+(``app_for``, ``tasks.app.make_producer``) bounds every connect and reply, and the errors Celery,
+kombu and redis-py raise for it are translated once, in ``unreachable``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery, states
@@ -28,11 +34,15 @@ from celery.exceptions import (
     TimeLimitExceeded,
 )
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tasks.app import PROGRESS_STATE, get_app, make_celery
+from tasks.app import PROGRESS_STATE, get_app, make_producer
+from tasks.errors import InvalidRequest, TransientError, WorkerError, error_classes
 from tasks.errors import TimeLimitExceeded as TaskTimeLimit
-from tasks.errors import TransientError, WorkerError, error_classes
+from tasks.keys import check_task_id
 from tasks.names import GENERATE
+from tasks.request_text import one_line
 from tasks.schemas import GenerationRequest, validate_request
 from tasks.settings import Settings
 
@@ -49,22 +59,27 @@ def submit(
     """Validate ``request`` against ``settings.limits`` and enqueue it; returns the task id.
 
     ``settings`` defaults to ``Settings()`` (the environment); ``app`` to the app for those
-    settings. Raises ``InvalidRequest`` (nothing enqueued) or ``TransientError`` (broker down).
+    settings. ``task_id`` must be safe as an object-key segment (``tasks.keys.check_task_id``).
+    Raises ``InvalidRequest`` (nothing enqueued) or ``TransientError`` (broker or backend
+    unreachable; nothing enqueued, or at worst a task the caller may submit again with its id).
     """
     if app is None:
         app = get_app() if settings is None else app_for(settings)
     settings = settings if settings is not None else Settings()
     validated = validate_request(request, settings.limits)
-    task_id = task_id or str(uuid.uuid4())
+    if task_id is None:
+        task_id = str(uuid.uuid4())
     try:
+        check_task_id(task_id)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="task_id") from None
+    with unreachable(f"could not enqueue task {task_id}"):
         app.send_task(
             GENERATE,
             args=[validated.model_dump(mode="json", exclude_none=True)],
             task_id=task_id,
             queue=settings.queue,
         )
-    except OperationalError as exc:
-        raise TransientError(f"could not enqueue task {task_id}: broker unreachable ({exc})") from exc
     return task_id
 
 
@@ -80,8 +95,11 @@ def wait(
 
     ``on_progress(meta)`` is called each time the ``PROGRESS`` meta changes (see
     ``tasks.app.ProgressMeta``). A failed task raises its ``WorkerError`` subclass; no end within
-    ``timeout`` seconds raises ``TimeoutError`` (the task itself keeps running).
+    ``timeout`` seconds raises ``TimeoutError`` (the task itself keeps running); a backend that
+    cannot be read raises ``TransientError``.
     """
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout must be a finite number of seconds >= 0 or None, got {timeout!r}")
     app = app if app is not None else get_app()
     deadline = None if timeout is None else time.monotonic() + timeout
     last_progress: Any = None
@@ -120,16 +138,50 @@ def status(task_id: str, *, app: Celery | None = None) -> dict[str, Any]:
 
 def fetch_meta(app: Celery, task_id: str) -> dict[str, Any]:
     """One read of the task's stored state (state and meta from the same snapshot)."""
-    connection_errors = getattr(app.backend, "connection_errors", ())
     try:
-        meta: dict[str, Any] = app.backend.get_task_meta(task_id)
+        with unreachable(f"could not read the state of task {task_id}"):
+            meta: dict[str, Any] = app.backend.get_task_meta(task_id)
     except SecurityError as exc:
         raise WorkerError(f"task {task_id} stored an error that is not an exception class ({exc})") from exc
-    except (BackendGetMetaError, *connection_errors) as exc:
-        raise TransientError(
-            f"could not read the state of task {task_id}: backend unreachable ({exc})"
-        ) from exc
     return meta
+
+
+# What Celery, kombu and redis-py raise when a broker or backend cannot be used: kombu wraps the
+# broker's errors in OperationalError; the backend's reads raise redis-py's own (a refused password
+# is an AuthenticationError, a failed TLS handshake a ConnectionError around the ssl error, a
+# database index the server lacks a ResponseError); sockets raise OSError (ssl.SSLError is one);
+# BackendGetMetaError ends the backend's own retries.
+_UNREACHABLE = (OperationalError, BackendGetMetaError, RedisError, OSError)
+
+
+@contextlib.contextmanager
+def unreachable(action: str) -> Iterator[None]:
+    """Translate a broker or backend failure inside the block into ``TransientError``."""
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        raise TransientError(f"{action}: {_unreachable_reason(exc)}") from exc
+    except RuntimeError as exc:
+        # send_task subscribes to the task's result channel first; when the backend cannot be
+        # reached, Celery's result consumer gives up with a bare RuntimeError caused by the redis
+        # error (celery.backends.asynchronous.reconnect_on_error).
+        if not isinstance(exc.__cause__, _UNREACHABLE):
+            raise
+        raise TransientError(f"{action}: {_unreachable_reason(exc.__cause__)}") from exc
+
+
+def _unreachable_reason(exc: BaseException) -> str:
+    """Which service failed and how, from the innermost redis-py or socket error."""
+    where = "broker (CHROMA_BROKER_URL)" if isinstance(exc, OperationalError) else "result backend"
+    if where == "result backend":
+        where += " (CHROMA_RESULT_BACKEND)"
+    cause: BaseException = exc
+    while isinstance(cause, OperationalError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = one_line(str(cause) or type(cause).__name__)
+    if isinstance(cause, RedisTimeoutError | TimeoutError):
+        return f"{where} did not answer in time ({text}); is it up, and is TLS (rediss://) set as it expects?"
+    return f"{where} unreachable ({text})"
 
 
 def task_error(task_id: str, exc: BaseException | None) -> WorkerError:
@@ -157,7 +209,7 @@ def task_error(task_id: str, exc: BaseException | None) -> WorkerError:
 @functools.lru_cache(maxsize=8)
 def app_for(settings: Settings) -> Celery:
     """One app per distinct settings value, so repeated submits share connections."""
-    return make_celery(settings)
+    return make_producer(settings)
 
 
 @functools.cache

@@ -7,17 +7,25 @@ problem into ``InvalidRequest`` naming the field (``prompts.0.width``) and what 
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
+from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key_bytes
+from tasks.request_text import check_shape, field_path, one_line, parse_json, shown
 
 KNOWN_MODELS = ("chroma",)
 SIZE_MULTIPLE = 32
@@ -33,15 +41,11 @@ MAX_SEED = 2**63 - 1
 RANDOM_SEED_BOUND = 2**31 - 1  # seed -1 draws from [0, 2**31 - 1), as the reference
 # Classifier-free guidance runs only above this scale: ai-toolkit's pipeline threshold.
 CFG_THRESHOLD = 1.00001
+TRIGGER = "[trigger]"  # the placeholder a prompt's trigger word replaces
+# A LoRA path may be an s3:// URI with the longest bucket name; its key's bytes are checked too.
+MAX_LORA_PATH_CHARS = len("s3://") + 63 + 1 + MAX_KEY_BYTES
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
-_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
-# A URL (``scheme://...``) or a well-known scheme written without slashes (``file:/etc/x``). A colon
-# anywhere else is an ordinary character of an S3 key (``run:v2/lora.safetensors``).
-_SCHEME = re.compile(
-    r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|(?:s3|s3a|s3n|file|https?|ftp|data|gs|hf|az|abfss?|wasbs?):)",
-    re.IGNORECASE,
-)
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,15 @@ class Limits:
     max_prompt_chars: int = 4000
     max_request_bytes: int = 256 * 1024
     allowed_buckets: tuple[str, ...] = ()
+    lora_prefix: str = ""  # counted in a LoRA key's length (S3 allows MAX_KEY_BYTES)
 
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+def _positive_zero(value: float) -> float:
+    """-0.0 -> 0.0: the same number, reported and cached one way."""
+    return value + 0.0
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_positive_zero)]
 
 
 def _nulls_mean_default(cls: type[BaseModel], data: Any) -> Any:
@@ -71,7 +81,7 @@ def _nulls_mean_default(cls: type[BaseModel], data: Any) -> Any:
 class LoraSpec(BaseModel):
     model_config = _STRICT
 
-    path: str = Field(min_length=1, max_length=1024)
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
     network_multiplier: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 1.0
     # Accepted for reference compatibility; only meaningful for mixture-of-experts models.
     transformer: None = None
@@ -139,7 +149,9 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _known_model(cls, value: str) -> str:
         if value not in KNOWN_MODELS:
-            raise ValueError(f"unknown model {value!r}; known models: {', '.join(KNOWN_MODELS)}")
+            raise ValueError(
+                f"unknown model {shown(value, ascii_only=True)}; known models: {', '.join(KNOWN_MODELS)}"
+            )
         return value
 
 
@@ -157,75 +169,26 @@ class ResolvedPrompt:
     seed: int
 
 
-def check_lora_path_shape(path: str) -> None:
-    """Reject anything but a relative key or an ``s3://bucket/key`` URI, with no traversal."""
-    if "\\" in path or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path):
-        raise ValueError(
-            "LoRA path contains a backslash or a control character (NUL, newline, ...); "
-            "use a plain key like 'job/lora.safetensors'"
-        )
-    if re.match(r"^[A-Za-z]:", path):
-        raise ValueError(
-            "LoRA path is a local drive path; upload the file and give its key relative to the LoRA prefix"
-        )
-    key = path
-    if _SCHEME.match(path):
-        match = _S3_URI.match(path)
-        if not match:
-            raise ValueError(
-                "LoRA path must be a key relative to the LoRA prefix or s3://bucket/key; "
-                "other URL schemes are not fetched"
-            )
-        key = match.group("key")
-    if key.startswith("/"):
-        raise ValueError("LoRA path is absolute; give a key relative to the LoRA prefix")
-    parts = key.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError("LoRA path has an empty, '.' or '..' segment; give a plain key without traversal")
-    if not key.endswith(".safetensors"):
-        raise ValueError("LoRA path must name a .safetensors file (nothing pickled is loaded)")
-
-
-def lora_bucket(path: str) -> str | None:
-    """The bucket an ``s3://`` LoRA path names, or None for a key under the configured prefix."""
-    match = _S3_URI.match(path)
-    return match.group("bucket") if match else None
-
-
 def validate_request(data: Any, limits: Limits | None = None) -> GenerationRequest:
-    """Parse and check a request (dict, JSON text or model) against the schema and ``limits``."""
+    """Parse and check a request (dict, JSON text or bytes, or model) against the schema and ``limits``.
+
+    Text is read by ``tasks.request_text`` (UTF-8, size, duplicate keys, depth); a dict is measured
+    as the JSON it stands for. Every problem is ``InvalidRequest`` naming the field.
+    """
     limits = limits or Limits()
     if isinstance(data, GenerationRequest):
         data = data.model_dump(mode="json", exclude_none=True)
-    if isinstance(data, str | bytes):
-        size = len(data.encode() if isinstance(data, str) else data)
-        if size > limits.max_request_bytes:
-            raise InvalidRequest(
-                f"request is {size} bytes; the limit is {limits.max_request_bytes}", field="request"
-            )
-        try:
-            data = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest(f"request is not valid JSON: {_short(str(exc))}", field="request") from None
+    if isinstance(data, str | bytes | bytearray):
+        data = parse_json(data, limits.max_request_bytes)
     elif isinstance(data, dict):
-        try:
-            size = len(json.dumps(data, default=str).encode())
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest(
-                f"request cannot be read as JSON: {_short(str(exc))}", field="request"
-            ) from None
-        if size > limits.max_request_bytes:
-            raise InvalidRequest(
-                f"request is {size} bytes; the limit is {limits.max_request_bytes}", field="request"
-            )
+        check_shape(data, max_bytes=limits.max_request_bytes)
     if not isinstance(data, dict):
-        raise InvalidRequest("request must be a JSON object", field="request")
+        raise InvalidRequest(f"must be a JSON object, got {_kind(data)}", field="request")
+    _check_counts(data, limits)
     try:
         request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
         raise _translate(exc) from None
-    except RecursionError:
-        raise InvalidRequest("request is nested too deeply", field="request") from None
     _check_limits(request, limits)
     return request
 
@@ -269,9 +232,19 @@ def uses_guidance(guidance_scale: float) -> bool:
 
 def effective_prompt(request: GenerationRequest, spec: PromptSpec) -> str:
     """As the reference: ``[trigger]`` becomes the prompt's own trigger word, else the request's;
-    with neither, it stays as written."""
+    with neither, it stays as written. ``validate_request`` bounds its length first
+    (``effective_prompt_length``), so the text built here is at most ``max_prompt_chars``."""
     trigger = spec.trigger_word or request.trigger_word
-    return spec.prompt.replace("[trigger]", trigger) if trigger else spec.prompt
+    return spec.prompt.replace(TRIGGER, trigger) if trigger else spec.prompt
+
+
+def effective_prompt_length(request: GenerationRequest, spec: PromptSpec) -> int:
+    """``len(effective_prompt(request, spec))``, counted without building the text (a long trigger
+    word times many placeholders would make gigabytes)."""
+    trigger = spec.trigger_word or request.trigger_word
+    if not trigger:
+        return len(spec.prompt)
+    return len(spec.prompt) + spec.prompt.count(TRIGGER) * (len(trigger) - len(TRIGGER))
 
 
 def snap_size(value: int, preview: bool = False) -> int:
@@ -281,24 +254,32 @@ def snap_size(value: int, preview: bool = False) -> int:
     return max(multiple, value // multiple * multiple)
 
 
+def _check_counts(data: dict[str, Any], limits: Limits) -> None:
+    """Prompt and LoRA counts, checked before the schema: a list of 100,000 bad items would cost
+    seconds and a hundred megabytes of error reports."""
+    prompts, loras = data.get("prompts"), data.get("loras")
+    if isinstance(prompts, list) and len(prompts) > limits.max_prompts:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts; send at most {limits.max_prompts} per request", "prompts"
+        )
+    if isinstance(loras, list) and len(loras) > limits.max_loras:
+        raise InvalidRequest(f"{len(loras)} LoRAs; stack at most {limits.max_loras} per request", "loras")
+
+
 def _check_limits(request: GenerationRequest, limits: Limits) -> None:
-    if len(request.prompts) > limits.max_prompts:
-        raise InvalidRequest(
-            f"{len(request.prompts)} prompts; send at most {limits.max_prompts} per request", field="prompts"
-        )
-    if len(request.loras) > limits.max_loras:
-        raise InvalidRequest(
-            f"{len(request.loras)} LoRAs; stack at most {limits.max_loras} per request", field="loras"
-        )
+    _check_text_length(request.trigger_word, "trigger_word", limits)
     for i, spec in enumerate(request.prompts):
         where = f"prompts.{i}"
-        text = effective_prompt(request, spec)
-        if len(text) > limits.max_prompt_chars:
+        _check_text_length(spec.trigger_word, f"{where}.trigger_word", limits)
+        _check_text_length(spec.neg, f"{where}.neg", limits)
+        length = effective_prompt_length(request, spec)
+        if length > limits.max_prompt_chars:
             raise InvalidRequest(
-                f"prompt has {len(text)} characters after trigger-word substitution; "
+                f"prompt has {length} characters after trigger-word substitution; "
                 f"the limit is {limits.max_prompt_chars}",
                 field=f"{where}.prompt",
             )
+        text = effective_prompt(request, spec)  # now known to be short
         if not text.strip():
             raise InvalidRequest(
                 "prompt is blank after trigger-word substitution; give a trigger word with text",
@@ -327,21 +308,31 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 "give a key relative to the LoRA prefix instead",
                 field=f"loras.{i}.path",
             )
+        size = lora_key_bytes(lora.path, limits.lora_prefix)
+        if size > MAX_KEY_BYTES:
+            prefix = " with the LoRA prefix" if bucket is None and limits.lora_prefix.strip("/") else ""
+            raise InvalidRequest(
+                f"the object key is {size} bytes of UTF-8{prefix}; S3 allows {MAX_KEY_BYTES}; shorten it",
+                field=f"loras.{i}.path",
+            )
+
+
+def _check_text_length(text: str | None, field: str, limits: Limits) -> None:
+    if text is not None and len(text) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            f"{len(text)} characters; the limit is {limits.max_prompt_chars} (CHROMA_MAX_PROMPT_CHARS)", field
+        )
 
 
 def _translate(exc: ValidationError) -> InvalidRequest:
-    """The first pydantic error as one InvalidRequest naming the field; the rest in the message."""
+    """The first pydantic error as one InvalidRequest naming the field; a few more in the message."""
     errors = exc.errors(include_url=False)
-    messages = []
-    for err in errors:
-        field = ".".join(str(p) for p in err["loc"]) or "request"
-        messages.append(f"{field}: {_describe(err)}")
-    first = errors[0]
-    field = ".".join(str(p) for p in first["loc"]) or "request"
-    message = _describe(first)
-    if len(messages) > 1:
-        message += " (also: " + "; ".join(messages[1:5]) + ")"
-    return InvalidRequest(message, field=field)
+    message = _describe(errors[0])
+    if len(errors) > 1:
+        also = [f"{field_path(err['loc'])}: {_describe(err)}" for err in errors[1:5]]
+        more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+        message += " (also: " + "; ".join(also) + more + ")"
+    return InvalidRequest(one_line(message), field=field_path(errors[0]["loc"]))
 
 
 def _describe(err: ErrorDetails) -> str:
@@ -354,16 +345,17 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "none_required":
         # The value is not echoed: these fields (hf_token, ...) may carry a secret.
         return "not supported here; remove it or set it to null"
-    if kind == "finite_number":
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return "must be a finite number (NaN and infinity are not allowed)"
+    if kind == "string_unicode":
+        return "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
     if kind == "value_error":
         return str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
-    msg = err["msg"]
-    if isinstance(value, float) and not math.isfinite(value):
-        msg = "must be a finite number"
-    return f"{msg} (got {_short(value)})"
+    return f"{err['msg']} (got {shown(value)})"
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _kind(value: Any) -> str:
+    names = {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}
+    return names.get(
+        type(value), "a number" if isinstance(value, int | float) else f"<{type(value).__name__}>"
+    )

@@ -81,6 +81,15 @@ AddressingStyle = Literal["path", "virtual", "auto"]  # how S3 requests name the
 VISIBILITY_REFRESHES = 3
 
 
+def parse_device(value: str) -> str:
+    """A device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``CHROMA_DEVICE``, ``run --device``)."""
+    name = value.strip().lower()
+    kind, _, index = name.partition(":")
+    if name == "auto" or (kind in ("cpu", "cuda") and (not index or index.isdigit())):
+        return name
+    raise ValueError(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
 def _csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -162,6 +171,14 @@ class Settings(BaseSettings):
     # Third-party warnings, log lines and progress bars shown as the libraries print them (tasks.quiet).
     verbose: bool = Field(False, description="show third-party warnings and progress bars")
 
+    @field_validator("lora_prefix", "output_prefix")
+    @classmethod
+    def _prefix_segments(cls, value: str) -> str:
+        clean = value.strip("/")
+        if clean and any(part in ("", ".", "..") for part in clean.split("/")):
+            raise ValueError(f"{value!r} has an empty, '.' or '..' segment; write e.g. team/loras")
+        return value
+
     @field_validator("lora_allowed_buckets", mode="before")
     @classmethod
     def _buckets(cls, value: Any) -> Any:
@@ -210,11 +227,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        name = value.strip().lower()
-        kind, _, index = name.partition(":")
-        if name == "auto" or (kind in ("cpu", "cuda") and (not index or index.isdigit())):
-            return name
-        raise ValueError(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return parse_device(value)
 
     @model_validator(mode="after")
     def _refreshes_fit_the_timeout(self) -> Settings:

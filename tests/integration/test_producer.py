@@ -119,6 +119,16 @@ def test_submit_uses_the_given_task_id(app: Celery, settings: Settings, broker: 
     assert message["headers"]["id"] == "job-123"
 
 
+@pytest.mark.parametrize("task_id", ["../escape", "", "a/b", "x" * 129, "line\nbreak"])
+def test_unsafe_task_id_enqueues_nothing(
+    app: Celery, settings: Settings, broker: redis.Redis, task_id: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        submit(REFERENCE, app=app, settings=settings, task_id=task_id)
+    assert caught.value.field == "task_id"
+    assert broker.dbsize() == 0
+
+
 def test_submit_applies_the_settings_limits(app: Celery, settings: Settings, broker: redis.Redis) -> None:
     strict = settings.model_copy(update={"max_prompts": 1})
     two = {"model": "chroma", "prompts": [{"prompt": "a"}, {"prompt": "b"}]}

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.app import get_app, make_celery, soft_time_limit
+from tasks.app import (
+    PRODUCER_RETRIES,
+    PRODUCER_SOCKET_TIMEOUT,
+    get_app,
+    make_celery,
+    make_producer,
+    soft_time_limit,
+)
 from tasks.cli import format_progress, main, worker_argv
 from tasks.names import GENERATE
 from tasks.results import Progress
@@ -138,8 +145,16 @@ def test_cli_validate_reads_stdin() -> None:
             json.dumps(BAD_WIDTH),
             "error: prompts.0.width: Input should be less than or equal to 4096 (got 4097)\n",
         ),
-        ("{not json", "error: request: request is not valid JSON"),
-        ("[]", "error: request: request must be a JSON object\n"),
+        (
+            "{not json",
+            "error: request: not valid JSON: Expecting property name enclosed in double quotes "
+            "at line 1 column 2\n",
+        ),
+        (
+            '{\n  "model": "chroma"\n  "prompts": []}',
+            "error: request: not valid JSON: Expecting ',' delimiter at line 3 column 3\n",
+        ),
+        ("[]", "error: request: must be a JSON object, got a list\n"),
     ],
 )
 def test_cli_validate_rejects_with_one_line(request_text: str, expected: str) -> None:
@@ -196,3 +211,28 @@ def test_worker_command_is_one_pool_process_per_gpu() -> None:
         "-m", "celery", "-A", "worker", "worker", "--pool", "prefork", "-Q", "gpu-queue",
         "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def test_the_producer_app_bounds_every_connection(settings: Settings) -> None:
+    producer = make_producer(settings)
+    backend = producer.backend.connparams  # built after the options (the backend reads them once)
+    assert backend["socket_timeout"] == backend["socket_connect_timeout"] == PRODUCER_SOCKET_TIMEOUT
+    assert backend["retry_on_timeout"] is False
+    assert producer.backend.retry_policy["max_retries"] == PRODUCER_RETRIES
+    broker = producer.conf.broker_transport_options
+    assert broker["socket_timeout"] == broker["socket_connect_timeout"] == PRODUCER_SOCKET_TIMEOUT
+    assert broker["max_retries"] == producer.conf.task_publish_retry_policy["max_retries"] == PRODUCER_RETRIES
+    assert broker["visibility_timeout"] == settings.visibility_timeout
+    # The worker keeps its patience: a running task waits out a Redis restart.
+    worker = make_celery(settings)
+    assert "socket_timeout" not in worker.conf.broker_transport_options
+    assert "retry_policy" not in worker.conf.result_backend_transport_options
+    assert get_app().conf.redis_socket_timeout == PRODUCER_SOCKET_TIMEOUT
+
+
+@pytest.mark.parametrize("prefix", ["a//b", "..", "x/../y", "./x"])
+@pytest.mark.parametrize("name", ["lora_prefix", "output_prefix"])
+def test_settings_refuse_prefixes_that_would_escape_their_place(name: str, prefix: str) -> None:
+    with pytest.raises(ValueError, match="segment"):
+        Settings(**{name: prefix})
+    assert getattr(Settings(**{name: "/team/loras/"}), name) == "/team/loras/"

@@ -32,6 +32,10 @@ CLI_SAMPLE = [
     "url_s3_other_bucket",
     "hf_token_given",
     "request_list",
+    "unknown_field_with_newline",
+    "path_line_separator",
+    "model_escape_sequence",
+    "trigger_expands_past_limit",
 ]
 
 
@@ -46,8 +50,8 @@ def field_matches(actual: str | None, expected: str) -> bool:
 
 
 def test_corpus_is_big_enough() -> None:
-    assert len(GOOD) >= 12
-    assert len(BAD) >= 45
+    assert len(GOOD) >= 30
+    assert len(BAD) >= 115
 
 
 @pytest.mark.parametrize("path", GOOD, ids=lambda p: p.stem)
@@ -115,3 +119,4 @@ def test_cli_rejects_a_sample_with_the_field(tmp_path: Path) -> None:
         assert out.returncode == 2, (name, out.stdout, out.stderr)
         assert out.stderr.startswith(f"error: {field}"), (name, out.stderr)
         assert out.stderr.count("\n") == 1, (name, out.stderr)
+        assert out.stderr[:-1].isprintable(), (name, out.stderr)  # what the user sent is escaped
