@@ -329,7 +329,7 @@ def limit_cases() -> list[tuple[str, dict, str, str]]:
         ("max_side", small_request(width=4096, height=64), "prompts.0.width", "at most 2048"),
         ("max_pixels", small_request(width=2048, height=1024), "prompts.0.width", "2097152 pixels"),
         ("max_prompt_chars", small_request(prompt="a" * 1001), "prompts.0.prompt", "limit is 1000"),
-        ("max_request_bytes", small_request(neg="n" * 70_000), "request", "limit is 65536"),
+        ("max_request_bytes", small_request(neg="n" * 70_000), "request", "limit of 65536 bytes"),
     ]
 
 
