@@ -1,5 +1,6 @@
 """What the benchmarks time with: a clock synchronized with the card, CUDA-event timings, SDPA alone
-per backend, the denoising loop timed, relative differences and the count of compiled graphs.
+per backend, the denoising loop timed, relative differences, sizes in GiB and the count of compiled
+graphs.
 
 bench.py, step_profile.py and kernel_bench.py import it.
 """

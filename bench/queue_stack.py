@@ -4,7 +4,8 @@ Its own ``redis-server`` on a free port and moto's S3 server over HTTP in a proc
 (``Stack``), the worker launched as production launches it (``Worker``, with ``worker_env``), its
 log followed for celery's "ready." line and the ``chroma-startup`` lines (``LogWatch``), the card's
 memory polled through ``nvidia-smi`` (``GpuMemory``), and the random weights and LoRAs written by
-bench/weights.py in a process of its own (``write_weights``).
+bench/weights.py in a process of its own (``write_weights``), and how many files a worker cache
+holds (``cache_files``).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def worker_env(stack: Stack, args: argparse.Namespace, sources: dict[str, str]) 
     return env
 
 
-# -- the card and the weights -----------------------------------------------------------------------
+# -- the card, the weights, the caches --------------------------------------------------------------
 
 
 class GpuMemory(threading.Thread):
