@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
-import torch  # noqa: E402
+# A fresh inductor cache per run, as bench.py and step_profile.py use: no other run's kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
-from bench import event_ms, rel  # noqa: E402  (bench/bench.py)
+import torch  # noqa: E402
+from measure import event_ms, rel  # noqa: E402  (bench/measure.py)
+
 from worker import kernels  # noqa: E402
 
 HEADS, DIM = 24, 128

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
 
 import torch  # noqa: E402
+from measure import Clock, sdpa_ms  # noqa: E402  (bench/measure.py)
 from weights import random_weights  # noqa: E402  (bench/weights.py)
 
-from bench import Clock, sdpa_ms  # noqa: E402  (bench/bench.py)
 from worker import sampling  # noqa: E402
 from worker.blocks import Blocks  # noqa: E402
 from worker.chroma_model import ChromaConfig  # noqa: E402

@@ -41,6 +41,10 @@ def small_request(**prompt) -> dict:
     return {"model": "chroma", "trigger_word": "sks", "prompts": [spec], "loras": [{"path": LORA_KEY}]}
 
 
+# About 2-3 s of denoising on one CPU thread: long enough to be killed in the middle.
+SLOW = {"width": 512, "height": 512, "sample_steps": 20}
+
+
 pytestmark = pytest.mark.integration
 
 
