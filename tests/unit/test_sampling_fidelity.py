@@ -28,6 +28,19 @@ GUIDED = [case for case in CASES if case[5] > 1]
 NEG = "painting style, blue sky, old"  # words of the tiny tokenizer's vocabulary
 
 
+def float8_reference(sources, dtype: str):
+    """The independent reference quantized as the engine's float8: torchao weight-only on every
+    Linear of the transformer and T5."""
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    from tests.reference import ReferenceChroma
+
+    ref = ReferenceChroma(sources, getattr(torch, dtype))
+    quantize_(ref.text_encoder, Float8WeightOnlyConfig())
+    quantize_(ref.transformer, Float8WeightOnlyConfig())
+    return ref
+
+
 def render(engine, prompt, width, height, seed, steps, guidance, neg=""):
     p = ResolvedPrompt(0, prompt, neg, width, height, steps, guidance, seed)
     return engine.generate([p], []).images[0].image
@@ -56,13 +69,7 @@ def test_bfloat16_matches_reference_rounding(engine_factory, reference_factory, 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float8_matches_reference_quantized_the_same_way(engine_factory, tiny_sources, dtype):
     """float8 = torchao weight-only on every Linear of transformer and T5, after the merge."""
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
-
-    from tests.reference import ReferenceChroma
-
-    ref = ReferenceChroma(tiny_sources, getattr(torch, dtype))
-    quantize_(ref.text_encoder, Float8WeightOnlyConfig())
-    quantize_(ref.transformer, Float8WeightOnlyConfig())
+    ref = float8_reference(tiny_sources, dtype)
     prompt, width, height, seed, steps, guidance = CASES[0]
     expected = ref(prompt, width, height, steps, guidance, seed)
     engine = engine_factory("float8", dtype, "mask")
@@ -228,13 +235,7 @@ def test_negative_prompt_bfloat16_matches_reference_rounding(engine_factory, ref
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_negative_prompt_float8_matches_reference_quantized_the_same_way(engine_factory, tiny_sources, dtype):
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
-
-    from tests.reference import ReferenceChroma
-
-    ref = ReferenceChroma(tiny_sources, getattr(torch, dtype))
-    quantize_(ref.text_encoder, Float8WeightOnlyConfig())
-    quantize_(ref.transformer, Float8WeightOnlyConfig())
+    ref = float8_reference(tiny_sources, dtype)
     prompt, width, height, seed, steps, guidance = GUIDED[0]
     expected = ref(prompt, width, height, steps, guidance, seed, NEG)
     got = render(engine_factory("float8", dtype, "mask"), prompt, width, height, seed, steps, guidance, NEG)
