@@ -196,7 +196,8 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     if layer.bias is None:
         return layer(x), None
     if getattr(layer, "bias_after_matmul", False):
-        return torch.matmul(x.to(layer.weight.dtype), layer.weight.t()), layer.bias
+        weight = layer.weight  # read once: a preview layer dequantizes it on every read
+        return torch.matmul(x.to(weight.dtype), weight.t()), layer.bias
     if type(layer.weight).__name__ == "Float8Tensor":  # torchao's float8 weights
         if isinstance(layer, CastInputLinear):
             x = x.to(layer.weight.dtype)

@@ -12,6 +12,7 @@ object storage, when one is configured (``CHROMA_COMPILE_CACHE_URI``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from botocore.client import BaseClient
+
+from storage import download_bytes, upload_bytes
+from tasks.errors import WorkerError
+from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,10 @@ class CompileCache:
     manifest: dict[str, str]
     warm: bool  # the folder held artifacts of this key before this worker started
     remote: bool = False  # artifacts of this key came from object storage
+
+    @property
+    def state(self) -> str:
+        return "warm" if self.warm else "remote" if self.remote else "cold"
 
 
 def versions(device: torch.device) -> dict[str, str]:
@@ -121,3 +131,69 @@ def _prune(base: Path, keep: Path) -> None:
     folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in folders[KEYS_KEPT - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(settings: Settings, device: torch.device, s3: BaseClient) -> CompileCache:
+    """The keyed compile cache, filled from object storage when it is empty here and a copy is
+    kept there (``CHROMA_COMPILE_CACHE_URI``)."""
+    cache = activate(settings.compile_cache_dir, device)
+    if cache.warm or settings.compile_cache_uri is None:
+        return cache
+    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
+    try:
+        data = download_bytes(s3, bucket, key)
+    except WorkerError as exc:  # storage down: compile instead of failing the start
+        log.warning("compile artifacts not fetched (%s); compiling", exc)
+        return cache
+    if data is not None:
+        import_artifacts(data)
+        log.info("compile artifacts loaded from s3://%s/%s (%d bytes)", bucket, key, len(data))
+        return dataclasses.replace(cache, remote=True)
+    return cache
+
+
+def keep(settings: Settings, cache: CompileCache, s3: BaseClient) -> None:
+    """After a cold warm-up: keep torch's portable artifacts beside the cache, and in object
+    storage when configured, for the next worker of the same versions."""
+    data = export(cache)
+    if data is None or settings.compile_cache_uri is None or cache.remote:
+        return
+    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
+    try:
+        upload_bytes(s3, bucket, key, data, "application/octet-stream")
+    except WorkerError as exc:
+        log.warning("compile artifacts not stored in s3://%s/%s: %s", bucket, key, exc)
+
+
+def counters() -> dict[str, float]:
+    """How the warm-up's compiles went: graphs made, inductor and AOT cache hits and misses."""
+    from torch._dynamo.utils import counters as seen
+
+    return {
+        "graphs": seen["stats"]["unique_graphs"],
+        "fx_cache_hits": seen["inductor"]["fxgraph_cache_hit"],
+        "fx_cache_misses": seen["inductor"]["fxgraph_cache_miss"],
+        "aot_cache_hits": seen["aot_autograd"]["autograd_cache_hit"],
+        "aot_cache_misses": seen["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
+def log_phases() -> None:
+    """Where compile time went, phase by phase (the largest first), for the start's breakdown."""
+    from torch._dynamo.utils import compile_times
+
+    rows = []
+    for line in str(compile_times(repr="str")).splitlines():
+        name, _, seconds = line.rpartition(",")
+        try:
+            rows.append((float(seconds), name.strip()))
+        except ValueError:
+            continue
+    top = ", ".join(f"{name} {seconds:.1f}" for seconds, name in sorted(rows, reverse=True)[:12])
+    log.info("compile phases (s): %s", top)
+
+
+def remote_artifacts(uri: str, cache_key: str) -> tuple[str, str]:
+    """(bucket, key) of a compile key's artifacts under ``s3://bucket/prefix``."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, "/".join(part for part in (prefix.strip("/"), f"{cache_key}.bin") if part)

@@ -91,7 +91,7 @@ def quantizes_activations(name: str) -> bool:
     )
 
 
-def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: Quantization) -> None:
+def quantize_transformer_part(part: str, module: torch.nn.Module, quantization: Quantization | str) -> None:
     """Quantize one part of the transformer (``double_blocks.3``, ``single_blocks.0``, ``txt_in``...).
 
     "float8": weight-only everywhere (the reference's numerics: bf16 activations, each weight

@@ -12,7 +12,6 @@ that a newer one replaced stops (``Superseded``) without writing an output, a pr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -29,13 +28,12 @@ from typing import TYPE_CHECKING
 import redis
 from botocore.client import BaseClient
 
-from storage import LoraCache, client_from_settings, download_bytes, upload_bytes
-from tasks.errors import TransientError, WorkerError
+from storage import LoraCache, client_from_settings
+from tasks.errors import TransientError
 from tasks.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported by the pool process only, when it loads
     from tasks.results import GenerationResult
-    from worker.compile_cache import CompileCache
     from worker.engine import Engine
     from worker.render import OutputSink
 
@@ -64,19 +62,20 @@ def load_runtime(settings: Settings) -> Runtime:
     """Build the process's Runtime (engine loaded and warmed up, storage ready); once per process.
 
     Logs one ``chroma-startup {json}`` line with where the start went (seconds): resolve,
-    weights_read, pin, text_vae, variant_build, compile_warmup, total, and compile_cache
-    (warm / cold / remote / off)."""
+    weights_read, base_weights, text_vae, variant_build, compile_warmup, total; with compiling on,
+    the compile counters and compile_cache (warm / cold / remote); and pinned_at_ready."""
     global _runtime
     with _lock:
         if _runtime is not None:
             return _runtime
+        from worker import compile_cache
         from worker.engine import Engine, EngineConfig
 
         start = time.perf_counter()
         engine = Engine(EngineConfig.from_settings(settings))
         s3 = client_from_settings(settings)
         warm_up = engine.device.type == "cuda" and bool(settings.warmup_sizes)
-        cache = compile_cache_for(settings, engine, s3) if engine.recipe.compile else None
+        cache = compile_cache.prepare(settings, engine.device, s3) if engine.recipe.compile else None
         engine.load()
         figures: dict[str, float | str] = dict(engine.load_seconds)
         if warm_up:
@@ -85,13 +84,13 @@ def load_runtime(settings: Settings) -> Runtime:
             warm = engine.warmup(settings.warmup_sizes)
             figures["variant_build"] = variant_build
             figures["compile_warmup"] = time.perf_counter() - t0 - variant_build
-            figures.update(compile_counters())
+            figures.update(compile_cache.counters())
             log.info("warm-up: %s", {k: round(v, 2) for k, v in warm.items()})
-            log_compile_times()
+            compile_cache.log_phases()
         if cache is not None:
-            figures["compile_cache"] = cache_state(cache)
+            figures["compile_cache"] = cache.state
             if warm_up and not cache.warm:
-                keep_compiled(settings, cache, s3)
+                compile_cache.keep(settings, cache, s3)
         lora_cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_bytes, settings.max_lora_bytes)
         _runtime = Runtime(settings, engine, s3, lora_cache)
         figures["total"] = time.perf_counter() - start
@@ -101,80 +100,6 @@ def load_runtime(settings: Settings) -> Runtime:
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
         log.info("%s %s", STARTUP_LOG_PREFIX, json.dumps(rounded))
         return _runtime
-
-
-def compile_cache_for(settings: Settings, engine: Engine, s3: BaseClient) -> CompileCache:
-    """The keyed compile cache, filled from object storage when it is empty here and a copy is
-    kept there (``CHROMA_COMPILE_CACHE_URI``)."""
-    from worker import compile_cache
-
-    cache = compile_cache.activate(settings.compile_cache_dir, engine.device)
-    if cache.warm or settings.compile_cache_uri is None:
-        return cache
-    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
-    try:
-        data = download_bytes(s3, bucket, key)
-    except WorkerError as exc:  # storage down: compile instead of failing the start
-        log.warning("compile artifacts not fetched (%s); compiling", exc)
-        return cache
-    if data is not None:
-        compile_cache.import_artifacts(data)
-        log.info("compile artifacts loaded from s3://%s/%s (%d bytes)", bucket, key, len(data))
-        return dataclasses.replace(cache, remote=True)
-    return cache
-
-
-def keep_compiled(settings: Settings, cache: CompileCache, s3: BaseClient) -> None:
-    """After a cold warm-up: keep torch's portable artifacts beside the cache, and in object
-    storage when configured, for the next worker of the same versions."""
-    from worker import compile_cache
-
-    data = compile_cache.export(cache)
-    if data is None or settings.compile_cache_uri is None or cache.remote:
-        return
-    bucket, key = remote_artifacts(settings.compile_cache_uri, cache.key)
-    try:
-        upload_bytes(s3, bucket, key, data, "application/octet-stream")
-    except WorkerError as exc:
-        log.warning("compile artifacts not stored in s3://%s/%s: %s", bucket, key, exc)
-
-
-def compile_counters() -> dict[str, float]:
-    """How the warm-up's compiles went: graphs made, inductor and AOT cache hits and misses."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "graphs": counters["stats"]["unique_graphs"],
-        "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
-        "fx_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
-        "aot_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
-        "aot_cache_misses": counters["aot_autograd"]["autograd_cache_miss"],
-    }
-
-
-def log_compile_times() -> None:
-    """Where compile time went, phase by phase (the largest first), for the start's breakdown."""
-    from torch._dynamo.utils import compile_times
-
-    rows = []
-    for line in str(compile_times(repr="str")).splitlines():
-        name, _, seconds = line.rpartition(",")
-        try:
-            rows.append((float(seconds), name.strip()))
-        except ValueError:
-            continue
-    top = ", ".join(f"{name} {seconds:.1f}" for seconds, name in sorted(rows, reverse=True)[:12])
-    log.info("compile phases (s): %s", top)
-
-
-def remote_artifacts(uri: str, cache_key: str) -> tuple[str, str]:
-    """(bucket, key) of a compile key's artifacts under ``s3://bucket/prefix``."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    return bucket, "/".join(part for part in (prefix.strip("/"), f"{cache_key}.bin") if part)
-
-
-def cache_state(cache: CompileCache) -> str:
-    return "warm" if cache.warm else "remote" if cache.remote else "cold"
 
 
 HEARTBEAT_SECONDS = 15.0

@@ -98,10 +98,8 @@ class BaseWeights:
         log.info("base weights pinned in %.1f s", self.pin_seconds)
 
     def build(
-        self, loras: list[tuple[ParsedLora, float]], quantization: Quantization, device: torch.device
+        self, loras: list[tuple[ParsedLora, float]], quantization: Quantization | str, device: torch.device
     ) -> ChromaTransformer:
-        quantization = Quantization(quantization)
-
         def quantize(part: str, module: torch.nn.Module) -> None:
             quantize_transformer_part(part, module, quantization)
 
@@ -328,7 +326,7 @@ def timed_build(
     device: torch.device,
 ) -> Variant:
     layers = [p.num_layers for p, _ in loras]
-    return timed(key, device, lambda: base.build(loras, Quantization(key.quantization), device), layers)
+    return timed(key, device, lambda: base.build(loras, key.quantization, device), layers)
 
 
 def timed(

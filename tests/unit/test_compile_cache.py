@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from worker import compile_cache
-from worker.lifecycle import remote_artifacts
 
 CPU = torch.device("cpu")
 
@@ -69,4 +68,4 @@ def test_old_keys_are_pruned(tmp_path):
     ],
 )
 def test_remote_artifacts_live_under_the_prefix_by_key(uri, bucket, key):
-    assert remote_artifacts(uri, "k") == (bucket, key)
+    assert compile_cache.remote_artifacts(uri, "k") == (bucket, key)
