@@ -18,10 +18,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from worker.chroma_model import APPROXIMATOR_IN, ChromaConfig, infer_config
+from worker.sources import CHECKPOINT_PREFIXES
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import json
 import os
 from pathlib import Path
 
-from storage import client_from_settings
+from storage import client_from_settings, validate_safetensors_header
+from tasks.errors import InvalidLora
 from tasks.settings import Quantization, Settings, SettingsError, Switch
-from worker.sources import resolve
+from worker.sources import CHECKPOINT_PREFIXES, resolve
 
-CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 HEAD_KEY = "double_blocks.0.img_attn.norm.query_norm.scale"
 
 
@@ -73,15 +73,11 @@ def head_size(transformer: Path) -> int | None:
             )
         return int(json.loads(config.read_text()).get("attention_head_dim", 128))
     try:
-        with transformer.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length)) if 0 < length < 100 * 2**20 else None
-    except (OSError, ValueError) as exc:
+        header = validate_safetensors_header(transformer)
+    except (InvalidLora, OSError) as exc:
         raise SettingsError(
             "transformer", f"{transformer} is not a readable safetensors checkpoint ({exc})"
         ) from None
-    if not isinstance(header, dict):
-        raise SettingsError("transformer", f"{transformer} is not a safetensors checkpoint")
     for prefix in ("", *CHECKPOINT_PREFIXES):
         entry = header.get(prefix + HEAD_KEY)
         if isinstance(entry, dict) and entry.get("shape"):

@@ -19,6 +19,9 @@ from tasks.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
+# The key prefixes a single-file transformer checkpoint may carry before the original names.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
 
 @dataclass(frozen=True)
 class Sources:
