@@ -249,22 +249,23 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return dataclasses.replace(pick(Limits, self), allowed_buckets=self.allowed_buckets)
+        return pick(Limits, self, allowed_buckets=self.allowed_buckets)
 
 
 T = TypeVar("T")
 
 
-def pick(cls: type[T], settings: Settings) -> T:
+def pick(cls: type[T], settings: Settings, **given: Any) -> T:
     """A dataclass whose fields are named like settings, filled from ``settings``.
 
-    Fields that are not settings keep their defaults (``Limits.allowed_buckets``)."""
+    ``given`` fills the fields that are not settings (``EngineConfig.sources``); any other keeps
+    its default."""
     values = {
         f.name: getattr(settings, f.name)
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         if f.name in Settings.model_fields
     }
-    return cls(**values)
+    return cls(**{**values, **given})
 
 
 class SettingsError(ValueError):

@@ -13,7 +13,6 @@ changes the quantization: "float8" stays the reference's weight-only numerics; "
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from tasks.settings import (
     SettingsError,
     Switch,
     TextPadding,
+    pick,
 )
 from worker import device as dev
 from worker.blocks import Blocks
@@ -72,12 +72,7 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
-        return cls(sources=pick_sources(settings), **{name: getattr(settings, name) for name in names})
-
-
-def pick_sources(settings: Settings) -> Sources:
-    return Sources(settings.transformer, settings.text_encoder, settings.tokenizer, settings.vae)
+        return pick(cls, settings, sources=pick(Sources, settings))
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from worker.components import (
     load_vae,
     quantize_float8,
 )
-from worker.config import EngineConfig, Recipe, make_recipe, pick_sources
+from worker.config import EngineConfig, Recipe, make_recipe
 from worker.lora import ParsedLora, parse_lora
 from worker.sources import fingerprint, resolve
 from worker.variants import (
@@ -56,7 +56,7 @@ from worker.variants import (
     working_copy,
 )
 
-__all__ = ["Engine", "EngineConfig", "LoraInput", "Recipe", "make_recipe", "pick_sources"]
+__all__ = ["Engine", "EngineConfig", "LoraInput", "Recipe", "make_recipe"]
 
 log = logging.getLogger(__name__)
 PREVIEW = preview.PREVIEW_QUANTIZATION
