@@ -41,6 +41,7 @@ from tasks.schemas import (
     GenerationRequest,
     PromptSpec,
     effective_prompt,
+    renders_preview,
     seed_for,
     snap_size,
     uses_guidance,
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_validate(args: argparse.Namespace) -> int:
     settings = Settings()
     request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
-    print("\n".join(describe_request(request)))
+    print("\n".join(describe_request(request, settings.preview)))
     return EXIT_OK
 
 
@@ -321,19 +322,21 @@ def worker_argv(queue: str, celery_args: list[str], app: str = "worker") -> list
     ]  # fmt: skip
 
 
-def describe_request(request: GenerationRequest) -> list[str]:
+def describe_request(request: GenerationRequest, preview_default: bool = False) -> list[str]:
     loras = f"{len(request.loras)} LoRA" + ("" if len(request.loras) == 1 else "s")
     prompts = f"{len(request.prompts)} prompt" + ("" if len(request.prompts) == 1 else "s")
-    lines = [f"ok: model {request.model}, {prompts}, {loras}, {request.output_format} output"]
+    preview = renders_preview(request, preview_default)
+    mode = ", preview" if preview else ""
+    lines = [f"ok: model {request.model}, {prompts}, {loras}, {request.output_format} output{mode}"]
     for index, spec in enumerate(request.prompts):
-        lines.append(f"prompts.{index}: {describe_prompt(request, index, spec)}")
+        lines.append(f"prompts.{index}: {describe_prompt(request, index, spec, preview)}")
     for index, lora in enumerate(request.loras):
         lines.append(f"loras.{index}: {one_line(lora.path)} x{lora.network_multiplier:g}")
     return lines
 
 
-def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec) -> str:
-    width, height = snap_size(spec.width), snap_size(spec.height)
+def describe_prompt(request: GenerationRequest, index: int, spec: PromptSpec, preview: bool) -> str:
+    width, height = snap_size(spec.width, preview), snap_size(spec.height, preview)
     size = f"{width}x{height}"
     if (width, height) != (spec.width, spec.height):
         size += f" (from {spec.width}x{spec.height})"

@@ -61,6 +61,7 @@ class Limits:
     max_request_bytes: int = 256 * 1024
     allowed_buckets: tuple[str, ...] = ()
     lora_prefix: str = ""  # counted in a LoRA key's length (S3 allows MAX_KEY_BYTES)
+    preview: bool = False  # what a request without "preview" gets (CHROMA_PREVIEW): sizes snap to 16
 
 
 def _positive_zero(value: float) -> float:
@@ -247,6 +248,11 @@ def effective_prompt_length(request: GenerationRequest, spec: PromptSpec) -> int
     return len(spec.prompt) + spec.prompt.count(TRIGGER) * (len(trigger) - len(TRIGGER))
 
 
+def renders_preview(request: GenerationRequest, default: bool) -> bool:
+    """Whether ``request`` renders in preview mode: its own ``preview``, else the worker's default."""
+    return default if request.preview is None else request.preview
+
+
 def snap_size(value: int, preview: bool = False) -> int:
     """Floor to a multiple of 32, as the reference service does (1000 -> 992); in preview mode to a
     multiple of 16, as ai-toolkit's training sampler does (1000 -> 992, 1016 -> 1008)."""
@@ -268,6 +274,7 @@ def _check_counts(data: dict[str, Any], limits: Limits) -> None:
 
 def _check_limits(request: GenerationRequest, limits: Limits) -> None:
     _check_text_length(request.trigger_word, "trigger_word", limits)
+    preview = renders_preview(request, limits.preview)
     for i, spec in enumerate(request.prompts):
         where = f"prompts.{i}"
         _check_text_length(spec.trigger_word, f"{where}.trigger_word", limits)
@@ -292,11 +299,10 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
         for name in ("width", "height"):
             if getattr(spec, name) > limits.max_side:
                 raise InvalidRequest(f"must be at most {limits.max_side}", field=f"{where}.{name}")
-        pixels = snap_size(spec.width) * snap_size(spec.height)
-        if pixels > limits.max_pixels:
+        width, height = snap_size(spec.width, preview), snap_size(spec.height, preview)
+        if width * height > limits.max_pixels:
             raise InvalidRequest(
-                f"{snap_size(spec.width)}x{snap_size(spec.height)} is {pixels} pixels; "
-                f"the limit is {limits.max_pixels}",
+                f"{width}x{height} is {width * height} pixels; the limit is {limits.max_pixels}",
                 field=f"{where}.width",
             )
     for i, lora in enumerate(request.loras):

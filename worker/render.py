@@ -26,7 +26,7 @@ from storage.outputs import upload_result
 from storage.s3 import storage_errors
 from tasks.errors import InvalidRequest, LoraNotFound
 from tasks.results import GenerationResult, LoraResult, Progress, WorkerInfo
-from tasks.schemas import GenerationRequest, LoraSpec, lora_bucket, resolve_prompts
+from tasks.schemas import GenerationRequest, LoraSpec, lora_bucket, renders_preview, resolve_prompts
 from tasks.settings import Settings
 from worker import device
 from worker.engine import Engine, LoraInput
@@ -80,7 +80,7 @@ def render_request(
     """Render ``request`` with LoRAs from ``loras`` into ``sink``; returns result.json's content."""
     report = progress or (lambda _p: None)
     device.reset_peak_memory(engine.device)  # result.json reports this request's peak
-    preview = engine.config.preview if request.preview is None else request.preview
+    preview = renders_preview(request, engine.config.preview)
     prompts = resolve_prompts(request, preview)
     count = len(prompts)
     timings: dict[str, float] = {}

@@ -369,3 +369,18 @@ def test_a_lora_prefix_the_worker_would_refuse_does_not_break_validation(prefix:
     validate_request(with_lora("job/lora.safetensors"), Limits(lora_prefix=prefix))
     with pytest.raises(ValueError, match="prefix"):
         lora_location("job/lora.safetensors", lora_bucket="loras", lora_prefix=prefix)
+
+
+@pytest.mark.parametrize("preview, default", [(True, False), (None, True)])
+def test_the_pixel_limit_counts_the_size_a_preview_renders(preview, default):
+    """Preview sizes floor to 16, not 32: 1040x1024 renders 1040x1024 there, over 1024x1024."""
+    limits = Limits(max_pixels=1024 * 1024, preview=default)
+    request = {
+        "model": "chroma",
+        "preview": preview,
+        "prompts": [{"prompt": "a", "width": 1040, "height": 1024}],
+    }
+    with pytest.raises(InvalidRequest) as failed:
+        validate_request(request, limits)
+    assert failed.value.field == "prompts.0.width" and "1040x1024" in failed.value.message
+    validate_request({**request, "preview": False}, limits)  # the fused path renders 1024x1024
