@@ -5,7 +5,7 @@ buckets and prefixes as arguments; ``client_from_settings`` builds the client fr
 Botocore errors are translated once, in ``storage.s3``, into ``tasks.errors``.
 """
 
-from storage.keys import check_task_id, lora_location, output_key, result_key, uri
+from storage.keys import lora_location, output_key, result_key, uri
 from storage.lora_cache import CachedLora, LoraCache, check_lora_file, validate_safetensors_header
 from storage.outputs import download_bytes, upload_bytes, upload_result
 from storage.s3 import client_from_settings, make_client, storage_error, storage_errors
@@ -14,7 +14,6 @@ __all__ = [
     "CachedLora",
     "LoraCache",
     "check_lora_file",
-    "check_task_id",
     "client_from_settings",
     "download_bytes",
     "lora_location",

@@ -21,7 +21,7 @@ from collections.abc import Collection
 from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, check_task_id, join_key, key_bytes, lora_key
 from tasks.keys import lora_bucket as bucket_of_uri
 
-__all__ = ["check_task_id", "lora_location", "output_key", "result_key", "uri"]
+__all__ = ["lora_location", "output_key", "result_key", "uri"]
 
 _EXTENSION = re.compile(r"[a-z0-9]{1,10}")
 
@@ -69,7 +69,8 @@ def uri(bucket: str, key: str) -> str:
 
 
 def _check_key_length(key: str) -> str:
-    """The last guard: requests were checked with the same rule (tasks.schemas, field loras.N.path)."""
+    """S3's key limit. For a LoRA key it is the last guard (requests were checked with the same rule,
+    field loras.N.path); for an output key it is the only one."""
     size = key_bytes(key)
     if size > MAX_KEY_BYTES:
         raise ValueError(f"object key is {size} bytes; S3 allows at most {MAX_KEY_BYTES}")

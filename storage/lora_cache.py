@@ -118,7 +118,7 @@ class LoraCache:
         with storage_errors("HEAD", bucket, key, lora_field=field):
             head = client.head_object(Bucket=bucket, Key=key)
         size = int(head["ContentLength"])
-        self._check_size(size, field)
+        check_lora_size(size, self.max_file_bytes, field)  # before any byte is downloaded
         etag = strip_etag(head.get("ETag"))
 
         cached = self._lookup(bucket, key, etag, where)
@@ -129,7 +129,7 @@ class LoraCache:
         started = time.monotonic()
         temp, sha256, size, etag = self._download(client, bucket, key, field)
         try:
-            validate_safetensors_header(temp, field=field, require_tensors=True)
+            check_lora_file(temp, self.max_file_bytes, field)  # the checks a local LoRA file gets too
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -153,9 +153,6 @@ class LoraCache:
     def total_bytes(self) -> int:
         """Bytes held by cached blobs (downloads in progress excluded)."""
         return sum(size for _, size, _ in self._blob_stats())
-
-    def _check_size(self, size: int, field: str) -> None:
-        check_lora_size(size, self.max_file_bytes, field)
 
     def _lookup(self, bucket: str, key: str, etag: str | None, where: str) -> CachedLora | None:
         if etag is None:  # no version tag: a re-upload could not be told apart, so always download
@@ -186,7 +183,7 @@ class LoraCache:
                 response = client.get_object(Bucket=bucket, Key=key)
                 body = response["Body"]
                 try:
-                    self._check_size(int(response["ContentLength"]), field)
+                    check_lora_size(int(response["ContentLength"]), self.max_file_bytes, field)
                     while chunk := body.read(CHUNK_BYTES):
                         received += len(chunk)
                         if received > self.max_file_bytes:

@@ -84,7 +84,8 @@ _TRANSIENT_CODES = frozenset(
         "TokenRefreshRequired",
     }
 )
-_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+_MISSING_KEY_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_NOT_FOUND_CODES = _MISSING_KEY_CODES | {"NoSuchBucket"}
 _DENIED_CODES = frozenset(
     {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 )
@@ -212,8 +213,7 @@ def storage_error(
 
 def is_missing_key(exc: ClientError) -> bool:
     """A read that found no object at the key (the bucket exists)."""
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "NotFound")
+    return str(exc.response.get("Error", {}).get("Code", "")) in _MISSING_KEY_CODES
 
 
 def strip_etag(etag: object) -> str | None:

@@ -25,6 +25,8 @@ Progress: while it runs, the task stores the custom state ``PROGRESS_STATE`` wit
 
 from __future__ import annotations
 
+import functools
+
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
@@ -176,12 +178,18 @@ def _reason(exc: Exception) -> str:
     return text[:150] or type(exc).__name__
 
 
-_app: Celery | None = None
+@functools.cache
+def default_settings() -> Settings:
+    """The environment's settings (``Settings()``), read once per process for the producer API."""
+    return Settings()
+
+
+@functools.lru_cache(maxsize=8)
+def app_for(settings: Settings) -> Celery:
+    """One producer app per distinct settings value, so repeated submits share connections."""
+    return make_producer(settings)
 
 
 def get_app() -> Celery:
-    """The process-wide producer app, built from ``Settings()`` (the environment) on first use."""
-    global _app
-    if _app is None:
-        _app = make_producer(Settings())
-    return _app
+    """The process-wide producer app, for the environment's settings."""
+    return app_for(default_settings())

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from tasks.app import default_settings
 from tasks.cli_input import (
     OneLineParser,
     device_name,
@@ -47,7 +48,7 @@ from tasks.schemas import (
     uses_guidance,
     validate_request,
 )
-from tasks.settings import Settings, SettingsError
+from tasks.settings import SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as exc:
         print_error(f"timeout: {exc}")
         return EXIT_FAILED
-    except ValidationError as exc:  # only Settings() raises it here: requests raise InvalidRequest
+    except ValidationError as exc:  # only the settings raise it here: requests raise InvalidRequest
         print_error(f"settings: {describe_settings_error(exc)}")
         return EXIT_FAILED
     except SettingsError as exc:  # a setting this machine cannot serve (a source, the device)
@@ -213,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = default_settings()
     request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     print("\n".join(describe_request(request, settings.preview)))
     return EXIT_OK
 
 
 def command_submit(args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = default_settings()
     request = read_request(args.request, settings.max_request_bytes)
     task_id = submit(request, settings=settings, task_id=args.task_id)
     print(task_id, flush=True)
@@ -230,7 +231,7 @@ def command_submit(args: argparse.Namespace) -> int:
     try:
         result = wait(task_id, app=app_for(settings), on_progress=bar, timeout=args.timeout)
     except KeyboardInterrupt:
-        bar.close()
+        bar.close()  # before the message: the bar's line ends first
         print_error(f"interrupted; task {task_id} keeps running (chroma-worker status {task_id})")
         return EXIT_INTERRUPTED
     except WorkerError as exc:  # the task failed: name the kind (code) as well as the field
@@ -244,12 +245,12 @@ def command_submit(args: argparse.Namespace) -> int:
 
 
 def command_status(args: argparse.Namespace) -> int:
-    print(json.dumps(status(args.task_id, app=app_for(Settings())), indent=2, default=str))
+    print(json.dumps(status(args.task_id, app=app_for(default_settings())), indent=2, default=str))
     return EXIT_OK
 
 
 def command_run(args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = default_settings()
     # Validate before importing the GPU side: a bad request fails fast, torch-free.
     request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
     try:
@@ -305,7 +306,7 @@ def command_tiny_model(args: argparse.Namespace) -> int:
 
 
 def command_worker(args: argparse.Namespace) -> int:
-    argv = worker_argv(Settings().queue, args.celery_args)
+    argv = worker_argv(default_settings().queue, args.celery_args)
     print(f"exec: {' '.join(argv)}", file=sys.stderr, flush=True)
     os.execvp(argv[0], argv)
     return EXIT_FAILED  # not reached: execvp replaces the process or raises
@@ -423,7 +424,7 @@ def quiet_third_party() -> None:
     from tasks.quiet import quiet
 
     try:
-        verbose = Settings().verbose
+        verbose = default_settings().verbose
     except ValidationError:  # the command reads the settings again and reports the error itself
         verbose = False
     quiet(verbose)

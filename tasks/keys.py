@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from tasks.request_text import shown, utf8_bytes
+
 MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
 MAX_TASK_ID_CHARS = 128
 LORA_SUFFIX = ".safetensors"
@@ -66,7 +68,7 @@ def check_lora_path_shape(path: str) -> None:
         key = match.group("key")
     if key.startswith("/"):
         raise ValueError("LoRA path is absolute; give a key relative to the LoRA prefix")
-    if any(part in ("", ".", "..") for part in key.split("/")):
+    if has_bad_segment(key):
         raise ValueError("LoRA path has an empty, '.' or '..' segment; give a plain key without traversal")
     if not key.endswith(LORA_SUFFIX):
         raise ValueError("LoRA path must name a .safetensors file (nothing pickled is loaded)")
@@ -111,13 +113,18 @@ def lora_key_bytes(path: str, lora_prefix: str) -> int:
 
 def key_bytes(key: str) -> int:
     """The length S3 counts: UTF-8 bytes (a lone surrogate counted as its 3 bytes, then refused)."""
-    return len(key.encode("utf-8", "surrogatepass"))
+    return utf8_bytes(key)
+
+
+def has_bad_segment(path: str) -> bool:
+    """Whether a ``/``-separated path has an empty, ``.`` or ``..`` segment."""
+    return any(part in ("", ".", "..") for part in path.split("/"))
 
 
 def join_key(prefix: str, rest: str) -> str:
     """``prefix/rest`` with the prefix's outer slashes dropped; an empty prefix adds nothing."""
     clean = prefix.strip("/")
-    if clean and any(part in ("", ".", "..") for part in clean.split("/")):
+    if clean and has_bad_segment(clean):
         raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' segment")
     return f"{clean}/{rest}" if clean else rest
 
@@ -131,9 +138,8 @@ def check_task_id(task_id: str) -> str:
         or ".." in task_id
         or task_id == "."
     ):
-        shown = ascii(task_id) if len(str(task_id)) <= 60 else ascii(str(task_id)[:57]) + "..."
         raise ValueError(
             f"task id must be 1-{MAX_TASK_ID_CHARS} characters of letters, digits, '_', '.' or '-' "
-            f"without '..' (a UUID works), got {shown}"
+            f"without '..' (a UUID works), got {shown(task_id, ascii_only=True)}"
         )
     return task_id

@@ -37,7 +37,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tasks.app import PROGRESS_STATE, get_app, make_producer
+from tasks.app import PROGRESS_STATE, app_for, default_settings, get_app
 from tasks.errors import InvalidRequest, TransientError, WorkerError, error_classes
 from tasks.errors import TimeLimitExceeded as TaskTimeLimit
 from tasks.keys import check_task_id
@@ -58,14 +58,13 @@ def submit(
 ) -> str:
     """Validate ``request`` against ``settings.limits`` and enqueue it; returns the task id.
 
-    ``settings`` defaults to ``Settings()`` (the environment); ``app`` to the app for those
+    ``settings`` defaults to the environment's (``default_settings``); ``app`` to the app for those
     settings. ``task_id`` must be safe as an object-key segment (``tasks.keys.check_task_id``).
     Raises ``InvalidRequest`` (nothing enqueued) or ``TransientError`` (broker or backend
     unreachable; nothing enqueued, or at worst a task the caller may submit again with its id).
     """
-    if app is None:
-        app = get_app() if settings is None else app_for(settings)
-    settings = settings if settings is not None else Settings()
+    settings = settings if settings is not None else default_settings()
+    app = app if app is not None else app_for(settings)
     validated = validate_request(request, settings.limits)
     if task_id is None:
         task_id = str(uuid.uuid4())
@@ -94,7 +93,7 @@ def wait(
     """Poll until the task ends; return its result dict or raise its error.
 
     ``on_progress(meta)`` is called each time the ``PROGRESS`` meta changes (see
-    ``tasks.app.ProgressMeta``). A failed task raises its ``WorkerError`` subclass; no end within
+    ``tasks.results.Progress.as_meta``). A failed task raises its ``WorkerError`` subclass; no end within
     ``timeout`` seconds raises ``TimeoutError`` (the task itself keeps running); a backend that
     cannot be read raises ``TransientError``.
     """
@@ -172,9 +171,8 @@ def unreachable(action: str) -> Iterator[None]:
 
 def _unreachable_reason(exc: BaseException) -> str:
     """Which service failed and how, from the innermost redis-py or socket error."""
-    where = "broker (CHROMA_BROKER_URL)" if isinstance(exc, OperationalError) else "result backend"
-    if where == "result backend":
-        where += " (CHROMA_RESULT_BACKEND)"
+    broker = isinstance(exc, OperationalError)
+    where = "broker (CHROMA_BROKER_URL)" if broker else "result backend (CHROMA_RESULT_BACKEND)"
     cause: BaseException = exc
     while isinstance(cause, OperationalError) and cause.__cause__ is not None:
         cause = cause.__cause__
@@ -204,12 +202,6 @@ def task_error(task_id: str, exc: BaseException | None) -> WorkerError:
     if isinstance(exc, TaskRevokedError):
         return WorkerError(f"task {task_id} was revoked before it finished")
     return WorkerError(f"task {task_id} failed: {type(exc).__name__}: {exc}")
-
-
-@functools.lru_cache(maxsize=8)
-def app_for(settings: Settings) -> Celery:
-    """One app per distinct settings value, so repeated submits share connections."""
-    return make_producer(settings)
 
 
 @functools.cache

@@ -55,7 +55,7 @@ def parse_json(data: str | bytes | bytearray, max_bytes: int) -> Any:
     if isinstance(data, bytes | bytearray):
         data = _decode(bytes(data))
     else:
-        size = len(data.encode("utf-8", "surrogatepass"))
+        size = utf8_bytes(data)
         if size > max_bytes:
             raise _too_big(f"{size} bytes", max_bytes)
     text = data.removeprefix(_BOM)
@@ -103,6 +103,11 @@ def shown(value: Any, *, ascii_only: bool = False) -> str:
     if ascii_only:
         text = text.encode("ascii", "backslashreplace").decode("ascii")
     return one_line(text if len(text) <= SHOWN_CHARS + 5 else text[:SHOWN_CHARS] + "...")
+
+
+def utf8_bytes(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (a lone surrogate counted as its 3 bytes; it is refused later)."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def one_line(text: str) -> str:
@@ -169,7 +174,7 @@ class _Walk:
         ):
             raise InvalidRequest(f"{shown(value)} is out of range", field=field_path(path))
         if isinstance(value, str):
-            self.spend(2 + (len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))))
+            self.spend(2 + (len(value) if value.isascii() else utf8_bytes(value)))
         elif isinstance(value, dict | list):
             self.visit_container(value, path)
         elif isinstance(value, int | float):
@@ -196,7 +201,7 @@ class _Walk:
                 raise InvalidRequest(
                     f"key {shown(key)} is not a string; JSON keys are strings", field_path(path)
                 )
-            self.spend(4 + len(key.encode("utf-8", "surrogatepass")))
+            self.spend(4 + utf8_bytes(key))
             self.visit(item, (*path, key))
 
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tasks.keys import has_bad_segment
 from tasks.schemas import MAX_SIDE, MAX_STEPS, Limits
 
 
@@ -175,7 +176,7 @@ class Settings(BaseSettings):
     @classmethod
     def _prefix_segments(cls, value: str) -> str:
         clean = value.strip("/")
-        if clean and any(part in ("", ".", "..") for part in clean.split("/")):
+        if clean and has_bad_segment(clean):
             raise ValueError(f"{value!r} has an empty, '.' or '..' segment; write e.g. team/loras")
         return value
 

@@ -25,6 +25,7 @@ from storage import LoraCache, check_lora_file, lora_location, output_key, resul
 from storage.outputs import upload_result
 from storage.s3 import storage_errors
 from tasks.errors import InvalidRequest, LoraNotFound
+from tasks.keys import lora_key
 from tasks.results import GenerationResult, LoraResult, Progress, WorkerInfo
 from tasks.schemas import GenerationRequest, LoraSpec, lora_bucket, renders_preview, resolve_prompts
 from tasks.settings import Settings
@@ -234,7 +235,7 @@ class FolderLoras:
         for i, spec in enumerate(specs):
             field = f"loras.{i}.path"
             bucket = lora_bucket(spec.path)
-            relative = spec.path.split("/", 3)[3] if bucket else spec.path
+            relative = lora_key(spec.path, "")
             try:
                 path = (self.root / bucket / relative if bucket else self.root / relative).resolve()
                 found = path.is_file()
