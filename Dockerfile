@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # GPU worker image: Python 3.12, torch 2.11.0 with CUDA 13.0 (PyTorch's wheels bring the CUDA
 # libraries), a C compiler for Triton, and this project. Every version comes from
-# scripts/versions.env; docs/deploy.md says why this base and what the host needs (an NVIDIA driver
+# scripts/versions.env but the base image's Python, which must match its PYTHON_VERSION (the install
+# script refuses another); docs/deploy.md says why this base and what the host needs (an NVIDIA driver
 # >= 580 and the NVIDIA container toolkit).
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE}

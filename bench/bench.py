@@ -20,8 +20,8 @@ side in one process on one card:
 
 Seconds are the denoising loop alone (25 steps, guidance 4, 1024x1024 by default), medians of
 ``--runs`` runs, synchronized. Sections run most wanted first (warm-up, faithful, reference, fast,
-switch, end to end, new shapes, faults, ladder); one expected to end after ``--deadline`` seconds
-(560 by default, so a run fits a 10-minute command) is skipped and listed. Usage::
+preview, switch, end to end, new shapes, faults, ladder); one expected to end after ``--deadline``
+seconds (560 by default, so a run fits a 10-minute command) is skipped and listed. Usage::
 
     python bench/bench.py --out results/            # full size, CUDA
     python bench/bench.py --scale smoke --out /tmp/s  # full width, 2+2 blocks: a quick check
@@ -67,7 +67,6 @@ from sections import (  # noqa: E402  (bench/sections.py)
 from weights import PROMPT, SCALES, write_components  # noqa: E402  (bench/weights.py)
 
 from tasks.schemas import ResolvedPrompt  # noqa: E402
-from worker import sampling  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 
 START = time.perf_counter()
@@ -85,7 +84,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--attention", default="best", help="auto|cudnn|flash|efficient|best (fastest measured)")
     ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--skip", default="", help="comma list: faithful,fast,reference,switch,e2e,faults,ladder")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list: faithful,fast,reference,preview,switch,e2e,new_shapes,faults,ladder",
+    )
     ap.add_argument(
         "--quantization", choices=["float8", "float8-fast"], default="float8", help="the engine's own mode"
     )
@@ -179,7 +182,7 @@ def main() -> int:
 
     p = ResolvedPrompt(0, PROMPT, "", size, size, steps, 4.0, 42)
     one_step = ResolvedPrompt(0, PROMPT, "", size, size, 1, 4.0, 0)
-    cond = sampling.encode_text(engine.tokenizer, engine.text_encoder, PROMPT)
+    cond = engine.encode(PROMPT)
     res["text_tokens_attended"] = {"cond": cond.attended, "uncond": engine.encode("").attended}
     warm_guidance = tuple(float(g) for g in args.warm_guidance.split(","))
     run = Run(args, engine, clock, device, size, p, one_step, cond, res, table, warm_guidance)
@@ -246,6 +249,8 @@ def expected_seconds(name: str, run: Run) -> float:
         return 2.8 * per_image * (args.reference_runs + 1)
     if name == "ladder":
         return 6 * 2 * per_image
+    if name == "preview":  # a quanto T5 and base to load and build, then the loop and two images
+        return (args.runs + 4) * per_image + 60
     return {"switch": 40.0, "e2e": 20.0, "new_shapes": 15.0, "faults": 40.0}.get(name, 0.0)
 
 

@@ -293,9 +293,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--warmup-sizes", default="", help="CHROMA_WARMUP_SIZES for the worker (default: production's)"
     )
-    ap.add_argument(
-        "--restart", action=argparse.BooleanOptionalAction, default=True, help="the restart section"
-    )
     ap.add_argument("--skip", default="", help="comma list of sections: batch,fault,restart,restart_remote")
     ap.add_argument("--deadline", type=float, default=540, help="seconds from start (0: none)")
     args = ap.parse_args()
@@ -310,8 +307,6 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    if not args.restart:
-        skip.add("restart")
     budget = Budget(args.deadline)
     res: dict[str, Any] = {"versions": versions_here(args.redis_server)}
     res.update({"argv": sys.argv, "scale": args.scale, "device": args.device, "sizes": SIZES[args.scale],
@@ -417,12 +412,15 @@ def run_sections(res, args, stack: Stack, workers: list[Worker], env, lora_keys,
     )
     section("fault", fault_cost + 10, lambda: run_fault(stack, worker, fault, budget))
 
+    def replace_worker(worker_env: dict[str, str], log_name: str) -> Worker:
+        """Stop the running worker and start another: the next start to measure."""
+        current = workers.pop()
+        current.stop()
+        workers.append(Worker(worker_env, args.out / log_name))
+        return workers[-1]
+
     def restart() -> dict[str, Any]:
-        worker.stop()
-        workers.remove(worker)
-        second = Worker(env, args.out / "worker-2.log")
-        workers.append(second)
-        out = measure_start(stack, second, probe, budget)
+        out = measure_start(stack, replace_worker(env, "worker-2.log"), probe, budget)
         # The default path's speed in this worker: one full image, no LoRA, twice (worker timings).
         full = {
             "model": "chroma",
@@ -442,13 +440,9 @@ def run_sections(res, args, stack: Stack, workers: list[Worker], env, lora_keys,
     def restart_remote() -> dict[str, Any]:
         """A worker on a machine that never compiled: an empty compile cache folder, the first
         worker's artifacts in S3 (CHROMA_COMPILE_CACHE_URI)."""
-        current = workers[-1]
-        current.stop()
-        workers.remove(current)
         fresh = args.cache_root / "compile-fresh"
         shutil.rmtree(fresh, ignore_errors=True)
-        third = Worker({**env, "CHROMA_COMPILE_CACHE_DIR": str(fresh)}, args.out / "worker-3.log")
-        workers.append(third)
+        third = replace_worker({**env, "CHROMA_COMPILE_CACHE_DIR": str(fresh)}, "worker-3.log")
         return measure_start(stack, third, probe, budget)
 
     section("restart_remote", 0.7 * start_s + 20, restart_remote)

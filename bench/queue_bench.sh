@@ -43,11 +43,14 @@ find_redis() {
   if command -v redis-server >/dev/null 2>&1; then
     REDIS_SERVER=$(command -v redis-server)
   elif compgen -G ".whl/redis/*.deb" >/dev/null; then
-    mkdir -p "$REDIS_ROOT"
-    for deb in .whl/redis/*.deb; do unpack_deb "$deb" "$REDIS_ROOT"; done
     REDIS_SERVER=$REDIS_ROOT/usr/bin/redis-server
+    if [ ! -x "$REDIS_SERVER" ]; then
+      mkdir -p "$REDIS_ROOT"
+      for deb in .whl/redis/*.deb; do unpack_deb "$deb" "$REDIS_ROOT"; done
+    fi
     LD_LIBRARY_PATH=$REDIS_ROOT/usr/lib/x86_64-linux-gnu "$REDIS_SERVER" --version >/dev/null || {
-      LD_LIBRARY_PATH=$REDIS_ROOT/usr/lib/x86_64-linux-gnu ldd "$REDIS_SERVER" | grep "not found" >&2
+      echo "queue_bench: $REDIS_SERVER does not run here; its missing libraries:" >&2
+      LD_LIBRARY_PATH=$REDIS_ROOT/usr/lib/x86_64-linux-gnu ldd "$REDIS_SERVER" | grep "not found" >&2 || true
       exit 1
     }
   else

@@ -15,6 +15,7 @@ from queue_stack import redis_env
 
 ENGINE_STAGES = ("encode", "denoise", "decode", "variant_build", "variant_hit")
 STAGES = ("download", "variant_build", "variant_hit", "encode", "denoise", "decode", "upload")
+OVERHEAD_GOAL_S = 0.3  # queue + storage seconds per image over the engine's own (p50)
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ def batch_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         return {"p50": percentile(values, 50), "p95": percentile(values, 95)}
 
     stage_totals = {s: round(sum(r["timings"].get(s, 0.0) for r in done), 3) for s in STAGES}
+    overhead = pct("overhead_per_image_s")
     return {
         "requests": len(done),
         "errors": len(records) - len(done),
@@ -100,13 +102,13 @@ def batch_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_s": pct("wall_s"),
         "wall_per_image_s": pct("wall_per_image_s"),
         "engine_per_image_s": {"p50": percentile([r["engine_s"] / r["images"] for r in done], 50)},
-        "overhead_per_image_s": pct("overhead_per_image_s"),
+        "overhead_per_image_s": overhead,
         "outside_timings_per_image_s": {
             "p50": percentile([r["outside_timings_s"] / r["images"] for r in done], 50)
         },
         "dispatch_s": pct("dispatch_s"),
-        "overhead_goal_s": 0.3,
-        "overhead_goal_met": percentile([r["overhead_per_image_s"] for r in done], 50) <= 0.3,
+        "overhead_goal_s": OVERHEAD_GOAL_S,
+        "overhead_goal_met": overhead["p50"] <= OVERHEAD_GOAL_S,
         "stage_totals_s": stage_totals,
         "stage_per_image_s": {s: round(v / images, 3) for s, v in stage_totals.items()},
         "variant_hits": sum(bool(r["variant_cache_hit"]) for r in done),
@@ -162,7 +164,7 @@ def batch_rows(batch: dict[str, Any]) -> Rows:
     ):
         rows.append((f"{label}, p50 / p95, s", f"{fmt(batch[key]['p50'], 3)} / {fmt(batch[key]['p95'], 3)}"))
     met = "met" if batch["overhead_goal_met"] else "NOT MET"
-    rows.append(("overhead goal: p50 <= 0.3 s per image", met))
+    rows.append((f"overhead goal: p50 <= {OVERHEAD_GOAL_S} s per image", met))
     rows.append(
         (
             "engine per image (encode+denoise+decode+variant), p50, s",

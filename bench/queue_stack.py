@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import redis
 
 from tasks.app import make_celery
 from tasks.settings import Settings
+from tests.s3server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCESS_KEY = "queue-bench-access-key"
@@ -40,12 +40,6 @@ LORA_BUCKET, OUTPUT_BUCKET, OUTPUT_PREFIX = "loras", "outputs", "generations"
 
 
 # -- services ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_env(binary: str) -> dict[str, str]:

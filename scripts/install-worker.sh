@@ -20,7 +20,7 @@ PYTHON=${PYTHON:-python3}
 PIP=("$PYTHON" -m pip --disable-pip-version-check)
 
 usage() {
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,13p' "$0" >&2
   exit 2
 }
 
@@ -71,7 +71,8 @@ install_deps() {
 install_project() {
   require_python
   "${PIP[@]}" install --no-deps "$ROOT"
-  IMPORT_ALL=1 check "$(all_pin_names)"
+  # The dependencies were checked by `deps` and --no-deps changed none: check what this added.
+  "$PYTHON" -c 'import tasks.cli, worker.engine' && echo "install-worker: project installed"
 }
 
 install_wheels() {
