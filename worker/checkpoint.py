@@ -23,7 +23,6 @@ from worker.sources import CHECKPOINT_PREFIXES
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RowBlock:
     """A diffusers module is rows [start, stop) of original Linear ``target`` (``in_features`` wide)."""
