@@ -44,6 +44,13 @@ class DType(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+# float8-fast's row-wise float8 layers quantize bfloat16 weights and activations only.
+FAST_DTYPE = (
+    "{} cannot run quantization 'float8-fast', whose float8 matmuls take bfloat16; "
+    "use 'bfloat16' or 'auto', or quantization 'float8'"
+)
+
+
 class Switch(str, enum.Enum):
     """An optimisation that is on, off, or on where the machine supports it."""
 

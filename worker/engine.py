@@ -29,7 +29,7 @@ from PIL import Image
 from tasks.errors import InvalidRequest, OutOfMemory
 from tasks.results import Progress
 from tasks.schemas import ResolvedPrompt, snap_size
-from tasks.settings import NegativePrompt, Quantization, SettingsError, Switch
+from tasks.settings import FAST_DTYPE, NegativePrompt, Quantization, SettingsError, Switch
 from worker import device as dev
 from worker import memory, preview, sampling
 from worker.blocks import Blocks
@@ -105,6 +105,8 @@ class Engine:
                 "'float8-fast' needs float8 matmuls (a CUDA card of compute capability 8.9 or newer, e.g. "
                 f"L4, H100) and {self.device} has none; use 'float8' (the default)",
             )
+        if config.quantization is Quantization.FLOAT8_FAST and self.dtype is not torch.bfloat16:
+            raise SettingsError("dtype", FAST_DTYPE.format(str(self.dtype).removeprefix("torch.")))
         self.recipe = make_recipe(config, self.device)
         self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
         self.loaded = False

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from storage import client_from_settings, validate_safetensors_header
 from tasks.errors import InvalidLora
-from tasks.settings import Quantization, Settings, SettingsError, Switch
+from tasks.settings import FAST_DTYPE, DType, Quantization, Settings, SettingsError, Switch
 from worker.sources import CHECKPOINT_PREFIXES, resolve
 
 HEAD_KEY = "double_blocks.0.img_attn.norm.query_norm.scale"
@@ -29,6 +29,8 @@ def check(settings: Settings) -> None:
         client_from_settings(settings)
     except ValueError as exc:
         raise SettingsError("s3_endpoint_url", str(exc)) from None
+    if settings.quantization is Quantization.FLOAT8_FAST and settings.dtype not in (DType.AUTO, DType.BFLOAT16):
+        raise SettingsError("dtype", FAST_DTYPE.format(settings.dtype.value))
     paths = {
         name: resolve(getattr(settings, name), setting=name)
         for name in ("transformer", "text_encoder", "tokenizer", "vae")

@@ -24,7 +24,7 @@ def base(tiny_sources) -> BaseWeights:
     from pathlib import Path
 
     cfg, state = load_transformer(Path(tiny_sources.transformer))
-    return BaseWeights(cfg, state, torch.float32, pin=False)
+    return BaseWeights(cfg, state, torch.bfloat16, pin=False)  # float8-fast computes in bfloat16
 
 
 def test_working_copy_keeps_float8_activation_layers(base):

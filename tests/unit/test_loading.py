@@ -139,3 +139,16 @@ def test_dtype_and_device_defaults(tiny_sources):
         Engine(EngineConfig(tiny_sources, quantization="int4"))
     with pytest.raises(ValueError, match="float8-fast.*use 'float8'"):
         Engine(EngineConfig(tiny_sources, quantization="float8-fast", device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float8_fast_refuses_a_dtype_it_cannot_quantize(dtype):
+    """Its row-wise float8 layers take bfloat16 only: refused at start, naming the setting."""
+    from tasks.settings import Settings
+    from worker import preflight
+
+    with pytest.raises(SettingsError, match=f"^CHROMA_DTYPE: {dtype} cannot run quantization 'float8-fast'"):
+        preflight.check(Settings(quantization="float8-fast", dtype=dtype))
+    preflight_ok = Settings(quantization="float8-fast", dtype="bfloat16", transformer="/nowhere.safetensors")
+    with pytest.raises(SettingsError, match="^CHROMA_TRANSFORMER"):  # past the dtype check
+        preflight.check(preflight_ok)
