@@ -29,7 +29,10 @@ def check(settings: Settings) -> None:
         client_from_settings(settings)
     except ValueError as exc:
         raise SettingsError("s3_endpoint_url", str(exc)) from None
-    if settings.quantization is Quantization.FLOAT8_FAST and settings.dtype not in (DType.AUTO, DType.BFLOAT16):
+    if settings.quantization is Quantization.FLOAT8_FAST and settings.dtype not in (
+        DType.AUTO,
+        DType.BFLOAT16,
+    ):
         raise SettingsError("dtype", FAST_DTYPE.format(settings.dtype.value))
     paths = {
         name: resolve(getattr(settings, name), setting=name)
