@@ -40,6 +40,7 @@ from worker.attention import (
     packed_joint_attention,
 )
 from worker.blocks import EAGER, Blocks, KernelTables
+from worker.rowwise import Float8RowwiseLinear, fuses_gelu
 
 APPROXIMATOR_IN = 64  # 16 timestep + 16 guidance + 32 modulation-index channels
 
@@ -193,6 +194,8 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     weight-only layers, whose arithmetic this keeps. A float8 row-wise layer ("float8-fast", lossy)
     would add it inside the float8 matmul before rounding; here it is added to the rounded
     product, a difference at bf16 rounding. An ``nn.Linear`` keeps its bias: (output, None)."""
+    if isinstance(layer, Float8RowwiseLinear):
+        return layer.product(x), layer.bias
     if layer.bias is None:
         return layer(x), None
     if getattr(layer, "bias_after_matmul", False):
@@ -203,6 +206,14 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
             x = x.to(layer.weight.dtype)
         return F.linear(x, layer.weight), layer.bias
     return layer(x), None
+
+
+def fused_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """``mlp(x)`` (Linear, tanh GELU, Linear) for float8-fast's image MLP: the GELU and its row-wise
+    quantization in one kernel (``Float8RowwiseLinear.gelu_forward``)."""
+    h, bias = product(mlp[0], x)
+    out = mlp[2].gelu_forward(None, h.reshape(-1, h.shape[-1]), bias)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -276,7 +287,11 @@ class DoubleStreamBlock(nn.Module):
             txt_attn, img_attn = joint_attention((txt_q, txt_k, txt_v), (img_q, img_k, img_v), pes, mask)
 
         img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * self.img_mlp(modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2))
+        img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2)
+        if tables is not None and fuses_gelu(self.img_mlp[2], img):
+            img = img + i_gate2 * fused_mlp(self.img_mlp, img_in)
+        else:
+            img = img + i_gate2 * self.img_mlp(img_in)
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2 * self.txt_mlp(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift2, t_scale2))
         return img, txt
@@ -318,6 +333,13 @@ class SingleStreamBlock(nn.Module):
             )
             q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             attn = packed_attention(q, k, v, pes, None, rotated=True)
+            if fuses_gelu(self.linear2, x):  # float8-fast: the GELU and its quantization, one kernel
+                out = self.linear2.gelu_forward(
+                    attn.reshape(rows, -1).contiguous(),
+                    raw.reshape(rows, -1)[:, 3 * dim :],
+                    None if bias is None else bias[3 * dim :],
+                )
+                return x + gate * out.reshape(1, rows, -1)
             mlp = raw[..., 3 * dim :] if bias is None else raw[..., 3 * dim :] + bias[3 * dim :]
         else:
             qkv, mlp = torch.split(

@@ -33,6 +33,9 @@ EPS = 1e-6
 # measured about 10 us faster per call alone (run O); bench/kernel_bench.py measures the choices.
 BLOCK_ROWS = 8
 NUM_WARPS = 2
+# gelu_rows_float8: one program per row, GELU_BLOCK columns a step.
+GELU_BLOCK = 1024
+GELU_WARPS = 4
 
 try:
     import triton
@@ -163,6 +166,95 @@ if triton is not None:
         _launch(img_raw, img_bias, img_q_scale, img_k_scale, img_dest, pe, out, heads)
         _launch(txt_raw, txt_bias, txt_q_scale, txt_k_scale, txt_dest, pe, out, heads)
         return out
+
+    # -- float8-fast: cat(first, gelu(second + bias)) quantized per row (worker.rowwise) ----------
+    @triton.jit
+    def _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS: tl.constexpr):
+        h = tl.load(second + row * second_stride + col, mask=live, other=0.0)
+        if HAS_BIAS:
+            h = (h.to(tl.float32) + tl.load(bias + col, mask=live, other=0.0).to(tl.float32)).to(h.dtype)
+        h = h.to(tl.float32)
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        tanh = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        return (0.5 * h * (1.0 + tanh)).to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
+    def _gelu_rows_kernel(
+        first,  # (rows, n_first) bf16, row stride first_stride; unused without HAS_FIRST
+        second,  # (rows, n_second) bf16, row stride second_stride: the GELU's input
+        bias,  # (n_second,) bf16; unused without HAS_BIAS
+        out,  # (rows, n_first + n_second) e4m3
+        scales,  # (rows,) float32
+        first_stride,
+        second_stride,
+        n_first: tl.constexpr,  # the layer's widths: constant for a block type, one kernel each
+        n_second: tl.constexpr,
+        HAS_FIRST: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        width = n_first + n_second
+        peak = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_FIRST:
+            for start in range(0, n_first, BLOCK):
+                col = start + cols
+                live = col < n_first
+                v = tl.load(first + row * first_stride + col, mask=live, other=0.0).to(tl.float32)
+                peak = tl.maximum(peak, tl.abs(v))
+        for start in range(0, n_second, BLOCK):
+            col = start + cols
+            live = col < n_second
+            v = _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS)
+            peak = tl.maximum(peak, tl.where(live, tl.abs(v), 0.0))
+        # The maximum over 448 in bf16 (the activations' dtype), then float32.
+        scale = tl.math.div_rn(tl.max(peak, axis=0), 448.0).to(tl.bfloat16).to(tl.float32)
+        tl.store(scales + row, scale)
+        if HAS_FIRST:
+            for start in range(0, n_first, BLOCK):
+                col = start + cols
+                live = col < n_first
+                v = tl.load(first + row * first_stride + col, mask=live, other=0.0).to(tl.float32)
+                q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
+                tl.store(out + row * width + col, q.to(tl.float8e4nv), mask=live)
+        for start in range(0, n_second, BLOCK):
+            col = start + cols
+            live = col < n_second
+            v = _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS)
+            q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
+            tl.store(out + row * width + n_first + col, q.to(tl.float8e4nv), mask=live)
+
+    @torch.library.triton_op("chroma::gelu_rows_float8", mutates_args={})
+    def _gelu_rows_op(first: Tensor | None, second: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        rows, n_second = second.shape
+        n_first = 0 if first is None else first.shape[1]
+        out = second.new_empty((rows, n_first + n_second), dtype=torch.float8_e4m3fn)
+        scales = second.new_empty((rows, 1), dtype=torch.float32)
+        torch.library.wrap_triton(_gelu_rows_kernel)[(rows,)](
+            second if first is None else first,
+            second,
+            second if bias is None else bias,
+            out,
+            scales,
+            0 if first is None else first.stride(0),
+            second.stride(0),
+            n_first,
+            n_second,
+            HAS_FIRST=first is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK=GELU_BLOCK,
+            num_warps=GELU_WARPS,
+        )
+        return out, scales
+
+
+def gelu_rows_float8(first: Tensor | None, second: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``rowwise.quantize_rows(cat(first, gelu(second + bias)))`` in one kernel: 2-D bf16 ``first``
+    (or None) and ``second`` with unit column stride, ``bias`` over ``second``'s columns -> e4m3
+    (rows, columns of both), float32 scales (rows, 1)."""
+    assert second.stride(1) == 1 and (first is None or first.stride(1) == 1)
+    return _gelu_rows_op(first, second, bias)
 
 
 def joint_rows(text_lengths: list, image_len, device: torch.device) -> tuple[Tensor, Tensor]:

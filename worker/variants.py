@@ -34,6 +34,7 @@ from tasks.settings import Quantization
 from worker.chroma_model import CastInputLinear, ChromaConfig, ChromaTransformer
 from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
+from worker.rowwise import Float8RowwiseLinear
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +173,20 @@ def is_weight_only_float8(tensor: Tensor) -> bool:
     return hasattr(tensor, "qdata") and getattr(tensor, "act_quant_kwargs", True) is None
 
 
+def is_rowwise_float8(tensor: Tensor) -> bool:
+    """A torchao Float8Tensor whose activations are quantized too ("float8-fast")."""
+    return hasattr(tensor, "qdata") and getattr(tensor, "act_quant_kwargs", None) is not None
+
+
 def working_copy(model: ChromaTransformer) -> ChromaTransformer:
     """``model`` with every float8 weight-only weight dequantized once (see the module docstring).
 
     Everything else (biases, norms, float8 weights whose activations are quantized too) is shared,
-    not copied. Layers become ``DequantizedLinear``; a model without float8 weight-only layers
-    comes back unchanged.
+    not copied. Layers become ``DequantizedLinear``; float8-fast's row-wise layers become
+    ``rowwise.Float8RowwiseLinear`` on the same data (the same arithmetic, the weights as plain
+    tensors). A model with neither comes back unchanged.
     """
-    if not any(is_weight_only_float8(p) for p in model.parameters()):
+    if not any(is_weight_only_float8(p) or is_rowwise_float8(p) for p in model.parameters()):
         return model
     with torch.device("meta"):
         copy = ChromaTransformer(model.cfg)
@@ -195,7 +202,12 @@ def working_copy(model: ChromaTransformer) -> ChromaTransformer:
         for bname, buffer in original.named_buffers(recurse=False):
             setattr(module, bname, buffer)
         if isinstance(original, CastInputLinear) and module.__class__ is not DequantizedLinear:
-            module.__class__ = CastInputLinear  # a float8-activation layer, kept as it is
+            module.__class__ = CastInputLinear  # a float8-activation layer
+    for name, module in list(copy.named_modules()):
+        if isinstance(module, CastInputLinear) and is_rowwise_float8(module.weight):
+            parent, _, attr = name.rpartition(".")
+            layer = Float8RowwiseLinear.from_float8(module.weight, module.bias)
+            setattr(copy.get_submodule(parent), attr, layer)
     return copy.eval().requires_grad_(False)
 
 

@@ -28,21 +28,66 @@ def base(tiny_sources) -> BaseWeights:
 
 
 def test_working_copy_keeps_float8_activation_layers(base):
-    """float8-fast: the image stream keeps its float8 matmuls; only weight-only layers dequantize."""
-    from worker.chroma_model import CastInputLinear
-    from worker.variants import DequantizedLinear, is_weight_only_float8, working_copy
+    """float8-fast: the image stream keeps its float8 matmuls (the same float8 data, as plain
+    tensors); only weight-only layers dequantize."""
+    from worker.rowwise import Float8RowwiseLinear
+    from worker.variants import DequantizedLinear, working_copy
 
     fast = base.build([], "float8-fast", torch.device("cuda"))
     copy = working_copy(fast)
     block = copy.double_blocks[0]
-    assert block.img_attn.qkv.weight is fast.double_blocks[0].img_attn.qkv.weight  # shared, float8
-    assert hasattr(block.img_attn.qkv.weight, "qdata") and not is_weight_only_float8(
-        block.img_attn.qkv.weight
-    )
-    assert type(block.img_attn.qkv) is CastInputLinear
+    assert type(block.img_attn.qkv) is Float8RowwiseLinear
+    assert block.img_attn.qkv.qdata.data_ptr() == fast.double_blocks[0].img_attn.qkv.weight.qdata.data_ptr()
+    assert block.img_attn.qkv.qdata.dtype == torch.float8_e4m3fn
     assert type(block.txt_attn.qkv) is DequantizedLinear  # the text stream is weight-only
-    assert type(copy.single_blocks[0].linear1) is CastInputLinear
+    assert type(copy.single_blocks[0].linear1) is Float8RowwiseLinear
     assert type(copy.distilled_guidance_layer.in_proj) is DequantizedLinear
+
+
+@torch.inference_mode()
+def test_gelu_rows_kernel_on_cuda_quantizes_as_the_plain_ops():
+    """At the model's widths, a strided GELU input: the kernel's e4m3 rows and scales against
+    rowwise.quantize_rows of the plain ops on the card. Its tanh is computed another way than
+    torch's, so a last float32 bit can move a bf16 rounding: nearly every byte is equal."""
+    from worker.kernels import gelu_rows_float8
+    from worker.rowwise import gelu_rows_reference, quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 257
+    raw = (torch.randn(rows, 21504, generator=gen) * torch.logspace(-2, 1, rows)[:, None]).cuda().bfloat16()
+    first = (torch.randn(rows, 3072, generator=gen) * 3).cuda().bfloat16()
+    bias = torch.randn(12288, generator=gen).cuda().bfloat16()
+    for f, b in ((first, bias), (None, bias), (first, None)):
+        q, scale = gelu_rows_float8(f, raw[:, 9216:], b)
+        want_q, want_scale = quantize_rows(gelu_rows_reference(f, raw[:, 9216:], b))
+        assert (scale == want_scale).float().mean() > 0.98
+        assert (q.view(torch.uint8) == want_q.view(torch.uint8)).float().mean() > 0.995
+        assert rel(q.float() * scale, want_q.float() * want_scale) < 5e-3
+
+
+@torch.inference_mode()
+def test_float8_fast_with_the_kernels_on_cuda(base, monkeypatch):
+    """float8-fast's working copy with the kernels (q/k/v and GELU rows) against the plain blocks,
+    eager then compiled: the GELU consumers go through the kernel, at float8 noise."""
+    from tests.unit.kernel_checks import model_inputs
+    from worker import kernels
+    from worker.blocks import Blocks
+    from worker.variants import working_copy
+
+    _, _, args = model_inputs(torch.device("cuda"), torch.bfloat16)
+    copy = working_copy(base.build([], "float8-fast", torch.device("cuda")))
+    calls = []
+    real = kernels.gelu_rows_float8
+    monkeypatch.setattr(kernels, "gelu_rows_float8", lambda *a: calls.append(a[0] is None) or real(*a))
+    plain = copy.forward_batch(*args, blocks=Blocks())
+    assert calls == []
+    eager = copy.forward_batch(*args, blocks=Blocks(kernels=True))
+    blocks = len(copy.double_blocks) + len(copy.single_blocks)
+    assert len(calls) == blocks and sum(calls) == len(copy.double_blocks)  # double: no passthrough
+    assert torch.isfinite(eager).all() and rel(eager, plain) < 3e-2
+    torch._dynamo.reset()
+    compiled = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
+    assert rel(compiled, plain) < 3e-2
 
 
 @torch.inference_mode()

@@ -132,6 +132,29 @@ def main() -> dict:
             kernels.joint_qkv_heads(*shifted), joint_reference(*args)
         )
 
+    # float8-fast's GELU rows (kernels.gelu_rows_float8) against rowwise.quantize_rows of the plain
+    # ops, with and without the passthrough columns and the bias; the GELU input a strided view.
+    from worker.rowwise import gelu_rows_reference, quantize_rows
+
+    gen = torch.Generator().manual_seed(3)
+    rows = 21
+    first = (torch.randn(rows, 48, generator=gen) * 2).to(torch.bfloat16)
+    wide = (torch.randn(rows, 400, generator=gen) * torch.logspace(-2, 1, rows)[:, None]).to(torch.bfloat16)
+    second, bias = wide[:, 48:368], torch.randn(320, generator=gen).to(torch.bfloat16)
+    for label, f, b in (("cat_bias", first, bias), ("bias", None, bias), ("cat", first, None)):
+        q, scale = kernels.gelu_rows_float8(f, second, b)
+        values = gelu_rows_reference(f, second, b)
+        want_q, want_scale = quantize_rows(values)
+        out[f"gelu_rows_shape_{label}"] = list(q.shape) + list(scale.shape)
+        out[f"gelu_rows_scale_{label}"] = float(((scale - want_scale).abs() / want_scale).max())
+        out[f"gelu_rows_vs_values_{label}"] = rel(q.float() * scale, values)
+        out[f"gelu_rows_vs_reference_{label}"] = rel(q.float() * scale, want_q.float() * want_scale)
+    # The comparison can fail: the bias left out, the passthrough columns run through the GELU.
+    q, scale = kernels.gelu_rows_float8(first, second, None)
+    out["gelu_rows_without_bias_vs_values"] = rel(q.float() * scale, gelu_rows_reference(first, second, bias))
+    q, scale = kernels.gelu_rows_float8(None, torch.cat((first, second), 1), None)
+    out["gelu_rows_all_gelu_vs_values"] = rel(q.float() * scale, gelu_rows_reference(first, second, None))
+
     # The whole model: blocks with the kernels against the plain blocks, two segments.
     calls = {"qkv_heads": 0, "joint_qkv_heads": 0}
     bias_seen: list[bool] = []

@@ -86,6 +86,57 @@ def test_float8_weights_hand_their_bias_to_the_kernels(checks):
     assert checks["float8_kernels_vs_plain_float32"] < 1e-6
 
 
+@pytest.mark.parametrize("label", ["cat_bias", "bias", "cat"])
+def test_gelu_rows_quantize_as_the_plain_ops(checks, label):
+    """float8-fast's GELU rows: e4m3 and a scale per row, as rowwise.quantize_rows of the plain
+    GELU. The interpreter rounds to bf16 and e4m3 its own way (a value rounding up across a power
+    of two can come out one binade low: 128 as 64), so here the scales may be a bf16 step or two
+    apart and the values several percent; on CUDA the two agree bit for bit (tests/gpu)."""
+    width = {"cat_bias": 368, "bias": 320, "cat": 368}[label]
+    assert checks[f"gelu_rows_shape_{label}"] == [21, width, 21, 1]
+    assert checks[f"gelu_rows_scale_{label}"] <= 2**-6
+    assert checks[f"gelu_rows_vs_values_{label}"] < 0.08
+    assert checks[f"gelu_rows_vs_reference_{label}"] < 0.08
+
+
+def test_gelu_rows_wrong_inputs_are_seen(checks):
+    assert checks["gelu_rows_without_bias_vs_values"] > 0.2
+    assert checks["gelu_rows_all_gelu_vs_values"] > 0.2
+
+
+@pytest.mark.parametrize("first, bias", [(True, True), (False, True), (True, False)])
+def test_gelu_rows_kernel_compiles_for_hopper(first, bias):
+    """The real compiler accepts the float8-fast kernel at the model's widths: sm_90 PTX with its
+    e4m3 conversion, no local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker.kernels import GELU_BLOCK, GELU_WARPS, _gelu_rows_kernel
+
+    signature = {
+        **dict.fromkeys(("first", "second", "bias"), "*bf16"),
+        "out": "*fp8e4nv",
+        "scales": "*fp32",
+        **dict.fromkeys(("first_stride", "second_stride"), "i32"),
+        **dict.fromkeys(("n_first", "n_second", "HAS_FIRST", "HAS_BIAS", "BLOCK"), "constexpr"),
+    }
+    constants = {
+        "n_first": 3072 if first else 0,
+        "n_second": 12288,
+        "HAS_FIRST": first,
+        "HAS_BIAS": bias,
+        "BLOCK": GELU_BLOCK,
+    }
+    compiled = triton.compile(
+        ASTSource(_gelu_rows_kernel, signature, constants),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": GELU_WARPS},
+    )
+    ptx = compiled.asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "ld.local" not in ptx
+
+
 def test_joint_rows_place_each_segment_text_then_image():
     from worker.kernels import joint_rows
 

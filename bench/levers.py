@@ -1,0 +1,181 @@
+"""The two kernels a denoising step is made of, alone at the model's shapes: what each speed lever
+could win at most.
+
+- GEMMs: every block Linear of one step (both guidance branches: 8192 image rows in the double
+  blocks, 8231 rows in the single blocks), in bf16 (the faithful path's working copy), float8
+  with row-wise scales (float8-fast) and float8 with one scale per tensor, fast accumulation as
+  torchao uses it. Reported per shape and summed over a step's 19 double and 38 single blocks.
+- Attention: SDPA per backend at the step's segment length (4133 tokens, 24 heads of 128), q/k/v
+  contiguous and as the blocks pass them (views of a token-major buffer), one call per segment and
+  two equal segments in one call; and whether this torch has a float8 attention that runs.
+
+    python bench/levers.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from measure import event_ms, rel  # noqa: E402  (bench/measure.py)
+
+HIDDEN, MLP, HEADS, DIM = 3072, 12288, 24, 128
+DOUBLE, SINGLE = 19, 38
+IMAGE_ROWS, STREAM_ROWS = 8192, 8231  # both branches: 2 x 4096 image tokens; + 37 + 2 text tokens
+# (rows, in, out, layers per step)
+SHAPES = {
+    "double img qkv": (IMAGE_ROWS, HIDDEN, 3 * HIDDEN, DOUBLE),
+    "double img proj": (IMAGE_ROWS, HIDDEN, HIDDEN, DOUBLE),
+    "double img mlp.0": (IMAGE_ROWS, HIDDEN, MLP, DOUBLE),
+    "double img mlp.2": (IMAGE_ROWS, MLP, HIDDEN, DOUBLE),
+    "single linear1": (STREAM_ROWS, HIDDEN, 3 * HIDDEN + MLP, SINGLE),
+    "single linear2": (STREAM_ROWS, HIDDEN + MLP, HIDDEN, SINGLE),
+}
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max
+
+
+def rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(E4M3), scale
+
+
+def products(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """``x @ w.T`` three ways: bf16, float8 with row-wise scales, float8 with one scale each."""
+    xq, xs = rowwise(x)
+    wq, ws = rowwise(w)
+    one = torch.ones((), device=x.device)
+
+    def scaled(a_scale: torch.Tensor, b_scale: torch.Tensor):
+        return lambda: torch._scaled_mm(
+            xq, wq.t(), a_scale, b_scale, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    return {
+        "bf16": lambda: torch.mm(x, w.t()),
+        "float8 rowwise": scaled(xs, ws.t()),
+        "float8 tensorwise": scaled(one, one),
+    }
+
+
+def gemms(device: torch.device) -> dict:
+    out: dict = {}
+    step: dict[str, float] = {}
+    for name, (m, k, n, count) in SHAPES.items():
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        want = x @ w.t()
+        row = {}
+        for mode, fn in products(x, w).items():
+            try:
+                ms = event_ms(fn, runs=20, repeats=3)
+            except RuntimeError as exc:
+                row[mode] = {"error": str(exc).splitlines()[0][:200]}
+                continue
+            row[mode] = {"ms": round(ms, 4), "tflops": round(2 * m * k * n / ms / 1e9, 1)}
+            if mode == "float8 rowwise":
+                row[mode]["rel_vs_bf16"] = round(rel(fn(), want), 5)
+            step[mode] = step.get(mode, 0.0) + ms * count
+        out[name] = row
+        print(name, row, flush=True)
+    out["per step, ms"] = {k: round(v, 2) for k, v in step.items()}
+    return out
+
+
+def attention(device: torch.device, tokens: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flop = 4 * tokens * tokens * DIM * HEADS
+    out: dict = {}
+    dense = [torch.randn(1, HEADS, tokens, DIM, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    # As the single block passes them: views of one token-major (rows, 3, heads, dim) buffer.
+    buf = torch.randn(tokens, 3, HEADS, DIM, device=device, dtype=torch.bfloat16)
+    strided = [buf[:, i].permute(1, 0, 2).unsqueeze(0) for i in range(3)]
+    pair = [torch.randn(2, HEADS, tokens, DIM, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    ref = F.scaled_dot_product_attention(*dense)
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            for layout, qkv, calls in (
+                ("contiguous", dense, 1),
+                ("token-major views", strided, 1),
+                ("2 segments, one call", pair, 2),
+            ):
+                try:
+                    ms = (
+                        event_ms(lambda qkv=qkv: F.scaled_dot_product_attention(*qkv), runs=20, repeats=3)
+                        / calls
+                    )
+                    out[f"{backend} {layout}"] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
+                except RuntimeError as exc:
+                    out[f"{backend} {layout}"] = {"error": str(exc).splitlines()[0][:200]}
+    print(out, flush=True)
+    # float8 attention: the FA3 route of torch.nn.attention (needs FA3's own package), and SDPA on
+    # float8 tensors directly.
+    q8, k8, v8 = (t.to(E4M3) for t in dense)
+    descale = torch.ones(1, HEADS, device=device)
+    probes = {}
+    try:
+        from torch.nn.attention.experimental._scaled_dot_product_attention_quantized import (
+            _scaled_dot_product_attention_quantized,
+        )
+
+        got = _scaled_dot_product_attention_quantized(
+            q8, k8, v8, q_descale=descale, k_descale=descale, v_descale=descale
+        )
+        probes["quantized API"] = {
+            "ms": round(
+                event_ms(
+                    lambda: _scaled_dot_product_attention_quantized(
+                        q8, k8, v8, q_descale=descale, k_descale=descale, v_descale=descale
+                    )
+                ),
+                4,
+            ),
+            "rel": rel(got, ref),
+        }
+    except Exception as exc:  # noqa: BLE001  (a probe: any failure is the answer)
+        probes["quantized API"] = {
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        }
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                got = F.scaled_dot_product_attention(q8, k8, v8)
+            probes[f"float8 SDPA {backend}"] = {"rel": rel(got, ref)}
+        except Exception as exc:  # noqa: BLE001
+            probes[f"float8 SDPA {backend}"] = {
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            }
+    out["float8"] = probes
+    print(probes, flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--tokens", type=int, default=4133)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = {
+        "card": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "gemm": gemms(device),
+        "attention": attention(device, args.tokens),
+    }
+    (args.out / "levers.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res["gemm"]["per step, ms"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""float8-fast's row-wise float8 layers as plain tensors, and one Triton kernel for the GELU
+consumers' activation quantization.
+
+"float8-fast" quantizes the image-stream activations per row (torchao's
+``Float8DynamicActivationFloat8WeightConfig(PerRow())``): the row's absolute maximum over 448
+gives its scale (divided in the activation dtype, then float32), the row is divided by it, clamped
+and rounded to e4m3, and ``torch._scaled_mm`` multiplies with the weights' own per-row scales.
+``Float8RowwiseLinear`` is that layer with torchao's tensor subclass taken apart (the working copy
+builds it from the variant's weights, sharing them), so a consumer can hand it activations it
+quantized itself.
+
+Two of those layers read a GELU: the single block's ``linear2`` reads ``cat(attn, gelu(mlp))``
+(15360 columns) and the double block's ``img_mlp.2`` reads ``gelu(img_mlp.0(x))``. Compiled, the
+GELU, the row maximum and the quantization are one inductor reduction per layer that ran at about a
+quarter of the card's bandwidth (bench/RESULTS.md, run X: 0.41 ms per single block at full size).
+``kernels.gelu_rows_float8`` does it in one Triton kernel: per row, one pass for the maximum and one that
+writes e4m3 (the row is read again from L2), with the arithmetic of the plain path in its order:
+the bias added and rounded to bf16, the tanh GELU in float32 rounded to bf16, the scale rounded to
+bf16, an IEEE division (``div_rn``) and round-to-nearest-even to e4m3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """torchao's row-wise activation quantization, op for op: (rows, K) -> e4m3 (rows, K) and
+    float32 scales (rows, 1)."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).to(torch.float32)
+    return (x.to(torch.float32) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def gelu_rows_reference(first: Tensor | None, second: Tensor, bias: Tensor | None) -> Tensor:
+    """The rows ``gelu_rows_float8`` quantizes, in plain torch ops: ``cat(first, gelu(second + bias))``."""
+    h = second if bias is None else second + bias
+    g = torch.nn.functional.gelu(h, approximate="tanh")
+    return g if first is None else torch.cat((first, g), dim=-1)
+
+
+class Float8RowwiseLinear(nn.Module):
+    """A float8-fast layer: e4m3 weights (out, in) with float32 scales (out, 1), activations
+    quantized per row on every forward, the bias added by ``_scaled_mm``. ``product`` leaves the
+    bias to the caller (``chroma_model.product``)."""
+
+    def __init__(self, qdata: Tensor, scale: Tensor, bias: Tensor | None, fast_accum: bool):
+        super().__init__()
+        self.register_buffer("qdata", qdata, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.bias = bias
+        self.fast_accum = fast_accum
+        self.out_features, self.in_features = qdata.shape
+
+    @classmethod
+    def from_float8(cls, weight, bias: Tensor | None) -> Float8RowwiseLinear:
+        """From torchao's row-wise ``Float8Tensor`` weight, sharing its data."""
+        return cls(weight.qdata, weight.scale, bias, bool(weight.mm_config.use_fast_accum))
+
+    def matmul(self, xq: Tensor, x_scale: Tensor, bias: Tensor | None) -> Tensor:
+        return torch._scaled_mm(
+            xq,
+            self.qdata.t(),
+            x_scale,
+            self.scale.t(),
+            bias=bias,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=self.fast_accum,
+        )
+
+    def _apply(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = self.matmul(*quantize_rows(rows), bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.bias)
+
+    def product(self, x: Tensor) -> Tensor:
+        return self._apply(x, None)
+
+    def gelu_forward(self, first: Tensor | None, second: Tensor, bias: Tensor | None) -> Tensor:
+        """``self(cat(first, gelu(second + bias)))`` for 2-D rows, quantized by one kernel."""
+        from worker.kernels import gelu_rows_float8  # imports Triton: only where the kernel runs
+
+        return self.matmul(*gelu_rows_float8(first, second, bias), self.bias)
+
+
+def fuses_gelu(layer: nn.Module, x: Tensor) -> bool:
+    """Whether ``layer``'s GELU input goes through the kernel: a row-wise float8 layer, on CUDA
+    (the blocks ask only where their q/k/v kernels run, so Triton is there)."""
+    return isinstance(layer, Float8RowwiseLinear) and x.is_cuda
