@@ -8,8 +8,10 @@ could win at most.
 - Attention: SDPA per backend at the step's segment length (4133 tokens, 24 heads of 128), q/k/v
   contiguous and as the blocks pass them (views of a token-major buffer), one call per segment and
   two equal segments in one call; and whether this torch has a float8 attention that runs.
+- float8-fast's GELU rows kernel (``worker.kernels.gelu_rows_float8``) at both blocks' widths, per
+  launch width (warps), against the same rows through the plain ops compiled by inductor.
 
-    python bench/levers.py --out $OUT
+    python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows]
 """
 
 from __future__ import annotations
@@ -158,22 +160,51 @@ def attention(device: torch.device, tokens: int) -> dict:
     return out
 
 
+def gelu_rows(device: torch.device) -> dict:
+    from worker import kernels
+    from worker.rowwise import gelu_rows_reference, quantize_rows
+
+    out: dict = {}
+    raw = torch.randn(STREAM_ROWS, 3 * HIDDEN + MLP, device=device, dtype=torch.bfloat16)
+    attn = torch.randn(STREAM_ROWS, HIDDEN, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(MLP, device=device, dtype=torch.bfloat16)
+    plain = torch.compile(lambda f, s, b: quantize_rows(gelu_rows_reference(f, s, b)))
+    for name, first, second in (
+        ("single block", attn, raw[:, 3 * HIDDEN :]),
+        ("double block", None, raw[:IMAGE_ROWS, 3 * HIDDEN :]),
+    ):
+        moved = (HIDDEN if first is not None else 0) * 2 + MLP * 2 + (first is not None) * HIDDEN + MLP
+        row = {"inductor": round(event_ms(lambda f=first, s=second: plain(f, s, bias), repeats=3), 4)}
+        default = kernels.GELU_WARPS
+        for warps in (4, 8, 16, 32):
+            kernels.GELU_WARPS = warps
+            row[f"{warps} warps"] = round(
+                event_ms(lambda f=first, s=second: kernels.gelu_rows_float8(f, s, bias), repeats=3), 4
+            )
+        kernels.GELU_WARPS = default
+        row["bytes_per_row"] = moved
+        out[name] = row
+        print(name, row, flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--tokens", type=int, default=4133)
+    ap.add_argument("--only", default="gemm,attention,gelu_rows")
     args = ap.parse_args()
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {
-        "card": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "gemm": gemms(device),
-        "attention": attention(device, args.tokens),
+    res = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    sections = {
+        "gemm": lambda: gemms(device),
+        "attention": lambda: attention(device, args.tokens),
+        "gelu_rows": lambda: gelu_rows(device),
     }
-    (args.out / "levers.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res["gemm"]["per step, ms"]), flush=True)
+    for name in args.only.split(","):
+        res[name] = sections[name]()
+        (args.out / "levers.json").write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -33,9 +33,8 @@ EPS = 1e-6
 # measured about 10 us faster per call alone (run O); bench/kernel_bench.py measures the choices.
 BLOCK_ROWS = 8
 NUM_WARPS = 2
-# gelu_rows_float8: one program per row, GELU_BLOCK columns a step.
-GELU_BLOCK = 1024
-GELU_WARPS = 4
+# gelu_rows_float8: one program per row, held whole (16384 lanes at full size: 32 a thread).
+GELU_WARPS = 16
 
 try:
     import triton
@@ -169,18 +168,8 @@ if triton is not None:
 
     # -- float8-fast: cat(first, gelu(second + bias)) quantized per row (worker.rowwise) ----------
     @triton.jit
-    def _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS: tl.constexpr):
-        h = tl.load(second + row * second_stride + col, mask=live, other=0.0)
-        if HAS_BIAS:
-            h = (h.to(tl.float32) + tl.load(bias + col, mask=live, other=0.0).to(tl.float32)).to(h.dtype)
-        h = h.to(tl.float32)
-        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        tanh = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        return (0.5 * h * (1.0 + tanh)).to(tl.bfloat16).to(tl.float32)
-
-    @triton.jit
     def _gelu_rows_kernel(
-        first,  # (rows, n_first) bf16, row stride first_stride; unused without HAS_FIRST
+        first,  # (rows, n_first) bf16, row stride first_stride; unused without n_first
         second,  # (rows, n_second) bf16, row stride second_stride: the GELU's input
         bias,  # (n_second,) bf16; unused without HAS_BIAS
         out,  # (rows, n_first + n_second) e4m3
@@ -189,41 +178,35 @@ if triton is not None:
         second_stride,
         n_first: tl.constexpr,  # the layer's widths: constant for a block type, one kernel each
         n_second: tl.constexpr,
-        HAS_FIRST: tl.constexpr,
+        FIRST_BLOCK: tl.constexpr,  # the widths rounded up to powers of two: a row in registers
+        SECOND_BLOCK: tl.constexpr,
         HAS_BIAS: tl.constexpr,
-        BLOCK: tl.constexpr,
     ):
+        # One program per row, the whole row held: one read, the GELU once, one write.
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        width = n_first + n_second
-        peak = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_FIRST:
-            for start in range(0, n_first, BLOCK):
-                col = start + cols
-                live = col < n_first
-                v = tl.load(first + row * first_stride + col, mask=live, other=0.0).to(tl.float32)
-                peak = tl.maximum(peak, tl.abs(v))
-        for start in range(0, n_second, BLOCK):
-            col = start + cols
-            live = col < n_second
-            v = _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS)
-            peak = tl.maximum(peak, tl.where(live, tl.abs(v), 0.0))
+        col = tl.arange(0, SECOND_BLOCK)
+        live = col < n_second
+        h = tl.load(second + row * second_stride + col, mask=live, other=0.0)
+        if HAS_BIAS:  # the bias added and rounded to bf16, as the plain path's add
+            h = (h.to(tl.float32) + tl.load(bias + col, mask=live, other=0.0).to(tl.float32)).to(h.dtype)
+        h = h.to(tl.float32)
+        tanh = 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (h + 0.044715 * h * h * h))) - 1.0
+        g = (0.5 * h * (1.0 + tanh)).to(tl.bfloat16).to(tl.float32)  # the GELU rounded to bf16
+        peak = tl.max(tl.where(live, tl.abs(g), 0.0), axis=0)
+        if n_first > 0:
+            first_col = tl.arange(0, FIRST_BLOCK)
+            first_live = first_col < n_first
+            f = tl.load(first + row * first_stride + first_col, mask=first_live, other=0.0).to(tl.float32)
+            peak = tl.maximum(peak, tl.max(tl.abs(f), axis=0))
         # The maximum over 448 in bf16 (the activations' dtype), then float32.
-        scale = tl.math.div_rn(tl.max(peak, axis=0), 448.0).to(tl.bfloat16).to(tl.float32)
+        scale = (peak / 448.0).to(tl.bfloat16).to(tl.float32)
         tl.store(scales + row, scale)
-        if HAS_FIRST:
-            for start in range(0, n_first, BLOCK):
-                col = start + cols
-                live = col < n_first
-                v = tl.load(first + row * first_stride + col, mask=live, other=0.0).to(tl.float32)
-                q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
-                tl.store(out + row * width + col, q.to(tl.float8e4nv), mask=live)
-        for start in range(0, n_second, BLOCK):
-            col = start + cols
-            live = col < n_second
-            v = _gelu_value(second, second_stride, bias, row, col, live, HAS_BIAS)
-            q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
-            tl.store(out + row * width + n_first + col, q.to(tl.float8e4nv), mask=live)
+        width = n_first + n_second
+        if n_first > 0:
+            q = tl.clamp(f / scale, -448.0, 448.0)
+            tl.store(out + row * width + first_col, q.to(tl.float8e4nv), mask=first_live)
+        q = tl.clamp(g / scale, -448.0, 448.0)
+        tl.store(out + row * width + n_first + col, q.to(tl.float8e4nv), mask=live)
 
     @torch.library.triton_op("chroma::gelu_rows_float8", mutates_args={})
     def _gelu_rows_op(first: Tensor | None, second: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -241,9 +224,9 @@ if triton is not None:
             second.stride(0),
             n_first,
             n_second,
-            HAS_FIRST=first is not None,
+            FIRST_BLOCK=triton.next_power_of_2(max(n_first, 1)),
+            SECOND_BLOCK=triton.next_power_of_2(n_second),
             HAS_BIAS=bias is not None,
-            BLOCK=GELU_BLOCK,
             num_warps=GELU_WARPS,
         )
         return out, scales

@@ -68,7 +68,9 @@ def test_gelu_rows_kernel_on_cuda_quantizes_as_the_plain_ops():
 @torch.inference_mode()
 def test_float8_fast_with_the_kernels_on_cuda(base, monkeypatch):
     """float8-fast's working copy with the kernels (q/k/v and GELU rows) against the plain blocks,
-    eager then compiled: the GELU consumers go through the kernel, at float8 noise."""
+    eager then compiled: the GELU consumers go through the kernel. At float8 noise: the kernels add
+    a bias after a bf16 rounding where the plain matmul adds it before, and that moves some e4m3
+    roundings (4e-2 on this random tiny model, measured on an H200)."""
     from tests.unit.kernel_checks import model_inputs
     from worker import kernels
     from worker.blocks import Blocks
@@ -84,10 +86,10 @@ def test_float8_fast_with_the_kernels_on_cuda(base, monkeypatch):
     eager = copy.forward_batch(*args, blocks=Blocks(kernels=True))
     blocks = len(copy.double_blocks) + len(copy.single_blocks)
     assert len(calls) == blocks and sum(calls) == len(copy.double_blocks)  # double: no passthrough
-    assert torch.isfinite(eager).all() and rel(eager, plain) < 3e-2
+    assert torch.isfinite(eager).all() and rel(eager, plain) < 6e-2
     torch._dynamo.reset()
     compiled = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
-    assert rel(compiled, plain) < 3e-2
+    assert rel(compiled, plain) < 6e-2
 
 
 @torch.inference_mode()

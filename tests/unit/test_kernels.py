@@ -112,21 +112,21 @@ def test_gelu_rows_kernel_compiles_for_hopper(first, bias):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from worker.kernels import GELU_BLOCK, GELU_WARPS, _gelu_rows_kernel
+    from worker.kernels import GELU_WARPS, _gelu_rows_kernel
 
     signature = {
         **dict.fromkeys(("first", "second", "bias"), "*bf16"),
         "out": "*fp8e4nv",
         "scales": "*fp32",
         **dict.fromkeys(("first_stride", "second_stride"), "i32"),
-        **dict.fromkeys(("n_first", "n_second", "HAS_FIRST", "HAS_BIAS", "BLOCK"), "constexpr"),
+        **dict.fromkeys(("n_first", "n_second", "FIRST_BLOCK", "SECOND_BLOCK", "HAS_BIAS"), "constexpr"),
     }
     constants = {
         "n_first": 3072 if first else 0,
         "n_second": 12288,
-        "HAS_FIRST": first,
+        "FIRST_BLOCK": 4096 if first else 1,
+        "SECOND_BLOCK": 16384,
         "HAS_BIAS": bias,
-        "BLOCK": GELU_BLOCK,
     }
     compiled = triton.compile(
         ASTSource(_gelu_rows_kernel, signature, constants),
