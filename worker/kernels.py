@@ -33,8 +33,9 @@ EPS = 1e-6
 # measured about 10 us faster per call alone (run O); bench/kernel_bench.py measures the choices.
 BLOCK_ROWS = 8
 NUM_WARPS = 2
-# gelu_rows_float8: one program per row, held whole (16384 lanes at full size: 32 a thread).
-GELU_WARPS = 16
+# gelu_rows_float8: one program per row, held whole. 8 warps measured fastest of 4..32 at both
+# blocks' full-size widths on an H200 (bench/RESULTS.md, run Y).
+GELU_WARPS = 8
 
 try:
     import triton
