@@ -40,7 +40,7 @@ from worker.attention import (
     packed_joint_attention,
 )
 from worker.blocks import EAGER, Blocks, KernelTables
-from worker.rowwise import Float8RowwiseLinear, fuses_gelu
+from worker.rowwise import Float8RowwiseLinear, fuses_rows
 
 APPROXIMATOR_IN = 64  # 16 timestep + 16 guidance + 32 modulation-index channels
 
@@ -208,10 +208,19 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     return layer(x), None
 
 
-def fused_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
-    """``mlp(x)`` (Linear, tanh GELU, Linear) for float8-fast's image MLP: the GELU and its row-wise
-    quantization in one kernel (``Float8RowwiseLinear.gelu_forward``)."""
-    h, bias = product(mlp[0], x)
+def norm_product(layer: nn.Linear, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``product(layer, modulate(layer_norm(x), shift, scale))``. For float8-fast's row-wise layers
+    with one modulation for every row, the norm, the modulation and the row-wise quantization are
+    one kernel (``Float8RowwiseLinear.norm_product``)."""
+    if fuses_rows(layer, x) and shift.numel() == x.shape[-1]:
+        return layer.norm_product(x, shift, scale), layer.bias
+    return product(layer, modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+
+
+def fused_mlp(mlp: nn.Sequential, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``mlp(modulate(layer_norm(x), shift, scale))`` (Linear, tanh GELU, Linear) for float8-fast's
+    image MLP: the norm and the GELU each quantize their rows in one kernel."""
+    h, bias = norm_product(mlp[0], x, shift, scale)
     out = mlp[2].gelu_forward(None, h.reshape(-1, h.shape[-1]), bias)
     return out.reshape(*x.shape[:-1], -1)
 
@@ -251,7 +260,6 @@ class DoubleStreamBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod.split(1, dim=1)
         dim = img.shape[-1]
-        img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
         txt_in = modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)
 
         if tables is not None and txt.shape[0] == 1 and img.shape[0] == len(pes):
@@ -261,7 +269,7 @@ class DoubleStreamBlock(nn.Module):
             rope, img_rows, txt_rows = tables
             image_len = img.shape[1]
             lengths = [pe.shape[2] - image_len for pe in pes]
-            img_raw, img_bias = product(self.img_attn.qkv, img_in)
+            img_raw, img_bias = norm_product(self.img_attn.qkv, img, i_shift1, i_scale1)
             txt_raw, txt_bias = product(self.txt_attn.qkv, txt_in)
             heads = joint_qkv_heads(
                 img_raw.reshape(-1, img_raw.shape[-1]),
@@ -280,6 +288,7 @@ class DoubleStreamBlock(nn.Module):
             q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
         else:
+            img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
             img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_in), self.num_heads)
             img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
             txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(txt_in), self.num_heads)
@@ -287,10 +296,10 @@ class DoubleStreamBlock(nn.Module):
             txt_attn, img_attn = joint_attention((txt_q, txt_k, txt_v), (img_q, img_k, img_v), pes, mask)
 
         img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2)
-        if tables is not None and fuses_gelu(self.img_mlp[2], img):
-            img = img + i_gate2 * fused_mlp(self.img_mlp, img_in)
+        if tables is not None and fuses_rows(self.img_mlp[2], img):
+            img = img + i_gate2 * fused_mlp(self.img_mlp, img, i_shift2, i_scale2)
         else:
+            img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2)
             img = img + i_gate2 * self.img_mlp(img_in)
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2 * self.txt_mlp(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift2, t_scale2))
@@ -316,12 +325,11 @@ class SingleStreamBlock(nn.Module):
     ) -> Tensor:
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
-        x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
         if tables is not None and x.shape[0] == 1:
             # One kernel for bias, QK norm, RoPE and the head layout (worker.kernels).
             from worker.kernels import as_heads, qkv_heads  # imports Triton: only where the kernel runs
 
-            raw, bias = product(self.linear1, x_mod)
+            raw, bias = norm_product(self.linear1, x, shift, scale)
             rows = raw.shape[1]
             heads = qkv_heads(
                 raw.reshape(rows, -1),
@@ -333,7 +341,7 @@ class SingleStreamBlock(nn.Module):
             )
             q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             attn = packed_attention(q, k, v, pes, None, rotated=True)
-            if fuses_gelu(self.linear2, x):  # float8-fast: the GELU and its quantization, one kernel
+            if fuses_rows(self.linear2, x):  # float8-fast: the GELU and its quantization, one kernel
                 out = self.linear2.gelu_forward(
                     attn.reshape(rows, -1).contiguous(),
                     raw.reshape(rows, -1)[:, 3 * dim :],
@@ -342,6 +350,7 @@ class SingleStreamBlock(nn.Module):
                 return x + gate * out.reshape(1, rows, -1)
             mlp = raw[..., 3 * dim :] if bias is None else raw[..., 3 * dim :] + bias[3 * dim :]
         else:
+            x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
             qkv, mlp = torch.split(
                 self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1
             )

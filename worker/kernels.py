@@ -36,6 +36,8 @@ NUM_WARPS = 2
 # gelu_rows_float8: one program per row, held whole. 8 warps measured fastest of 4..32 at both
 # blocks' full-size widths on an H200 (bench/RESULTS.md, run Y).
 GELU_WARPS = 8
+# norm_rows_float8: one program per row (3072 columns at full size), held whole.
+NORM_WARPS = 4
 
 try:
     import triton
@@ -209,6 +211,58 @@ if triton is not None:
         q = tl.clamp(g / scale, -448.0, 448.0)
         tl.store(out + row * width + n_first + col, q.to(tl.float8e4nv), mask=live)
 
+    @triton.jit
+    def _norm_rows_kernel(
+        x,  # (rows, n) bf16, row stride x_stride: the residual stream
+        shift,  # (n,) the modulation's shift
+        scale,  # (n,) the modulation's scale
+        out,  # (rows, n) e4m3
+        scales,  # (rows,) float32
+        x_stride,
+        n: tl.constexpr,
+        BLOCK: tl.constexpr,
+        EPS: tl.constexpr,
+        ROUND_MOD: tl.constexpr,  # the modulation is bf16: (1 + scale) rounds to bf16 first
+    ):
+        # One program per row, held whole: layer norm (float32 statistics, no affine), modulation,
+        # the bf16 rounding the float8 layer's input gets, then the row's quantization.
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK)
+        live = col < n
+        v = tl.load(x + row * x_stride + col, mask=live, other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=0) / n
+        d = tl.where(live, v - mean, 0.0)
+        y = d * tl.rsqrt(tl.sum(d * d, axis=0) / n + EPS)
+        m = 1.0 + tl.load(scale + col, mask=live, other=0.0).to(tl.float32)
+        if ROUND_MOD:
+            m = m.to(tl.bfloat16).to(tl.float32)
+        z = m * y + tl.load(shift + col, mask=live, other=0.0).to(tl.float32)
+        z = z.to(tl.bfloat16).to(tl.float32)
+        q_scale = (tl.max(tl.abs(z), axis=0) / 448.0).to(tl.bfloat16).to(tl.float32)
+        tl.store(scales + row, q_scale)
+        q = tl.clamp(z / q_scale, -448.0, 448.0)
+        tl.store(out + row * n + col, q.to(tl.float8e4nv), mask=live)
+
+    @torch.library.triton_op("chroma::norm_rows_float8", mutates_args={})
+    def _norm_rows_op(x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        rows, n = x.shape
+        out = x.new_empty((rows, n), dtype=torch.float8_e4m3fn)
+        scales = x.new_empty((rows, 1), dtype=torch.float32)
+        torch.library.wrap_triton(_norm_rows_kernel)[(rows,)](
+            x,
+            shift,
+            scale,
+            out,
+            scales,
+            x.stride(0),
+            n,
+            BLOCK=triton.next_power_of_2(n),
+            EPS=EPS,
+            ROUND_MOD=scale.dtype == torch.bfloat16,
+            num_warps=NORM_WARPS,
+        )
+        return out, scales
+
     @torch.library.triton_op("chroma::gelu_rows_float8", mutates_args={})
     def _gelu_rows_op(first: Tensor | None, second: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         rows, n_second = second.shape
@@ -231,6 +285,14 @@ if triton is not None:
             num_warps=GELU_WARPS,
         )
         return out, scales
+
+
+def norm_rows_float8(x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``rowwise.quantize_rows(modulate(layer_norm(x), shift, scale).to(bf16))`` in one kernel:
+    2-D bf16 ``x`` with unit column stride, ``shift`` and ``scale`` over its columns -> e4m3, float32
+    scales (rows, 1)."""
+    assert x.stride(1) == 1 and shift.shape == scale.shape == x.shape[1:]
+    return _norm_rows_op(x, shift.contiguous(), scale.contiguous())
 
 
 def gelu_rows_float8(first: Tensor | None, second: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:

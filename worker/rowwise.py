@@ -83,6 +83,14 @@ class Float8RowwiseLinear(nn.Module):
     def product(self, x: Tensor) -> Tensor:
         return self._apply(x, None)
 
+    def norm_product(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """``product(modulate(layer_norm(x), shift, scale))``, the rows quantized by one kernel."""
+        from worker.kernels import norm_rows_float8  # imports Triton: only where the kernel runs
+
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.matmul(*norm_rows_float8(rows, shift.reshape(-1), scale.reshape(-1)), None)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def gelu_forward(self, first: Tensor | None, second: Tensor, bias: Tensor | None) -> Tensor:
         """``self(cat(first, gelu(second + bias)))`` for 2-D rows, quantized by one kernel."""
         from worker.kernels import gelu_rows_float8  # imports Triton: only where the kernel runs
@@ -90,7 +98,14 @@ class Float8RowwiseLinear(nn.Module):
         return self.matmul(*gelu_rows_float8(first, second, bias), self.bias)
 
 
-def fuses_gelu(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer``'s GELU input goes through the kernel: a row-wise float8 layer, on CUDA
-    (the blocks ask only where their q/k/v kernels run, so Triton is there)."""
+def fuses_rows(layer: nn.Module, x: Tensor) -> bool:
+    """Whether ``layer``'s input is quantized by a kernel of its producer: a row-wise float8 layer,
+    on CUDA (the blocks ask only where their q/k/v kernels run, so Triton is there)."""
     return isinstance(layer, Float8RowwiseLinear) and x.is_cuda
+
+
+def norm_rows_reference(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """The rows ``kernels.norm_rows_float8`` quantizes, as the blocks compute them under autocast:
+    the layer norm in float32, ``(1 + scale) * y + shift``, rounded to bf16 for the float8 layer."""
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=1e-6)
+    return ((1 + scale) * y + shift).to(torch.bfloat16)

@@ -66,6 +66,24 @@ def test_gelu_rows_kernel_on_cuda_quantizes_as_the_plain_ops():
 
 
 @torch.inference_mode()
+def test_norm_rows_kernel_on_cuda_quantizes_as_the_plain_ops():
+    """At the model's width: layer norm, modulation and row-wise quantization in one kernel against
+    the plain ops on the card (the norm's float32 statistics are summed in another order, so a last
+    bit can move a rounding: nearly every byte is equal)."""
+    from worker.kernels import norm_rows_float8
+    from worker.rowwise import norm_rows_reference, quantize_rows
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(1031, 3072, generator=gen) * 4 + torch.randn(1031, 1, generator=gen)).cuda().bfloat16()
+    shift, scale = (torch.randn(3072, generator=gen).cuda().bfloat16() for _ in range(2))
+    q, q_scale = norm_rows_float8(x, shift, scale)
+    want_q, want_scale = quantize_rows(norm_rows_reference(x, shift, scale))
+    assert (q_scale == want_scale).float().mean() > 0.98
+    assert (q.view(torch.uint8) == want_q.view(torch.uint8)).float().mean() > 0.995
+    assert rel(q.float() * q_scale, want_q.float() * want_scale) < 5e-3
+
+
+@torch.inference_mode()
 def test_float8_fast_with_the_kernels_on_cuda(base, monkeypatch):
     """float8-fast's working copy with the kernels (q/k/v and GELU rows) against the plain blocks,
     eager then compiled: the GELU consumers go through the kernel. At float8 noise: the kernels add
@@ -78,14 +96,16 @@ def test_float8_fast_with_the_kernels_on_cuda(base, monkeypatch):
 
     _, _, args = model_inputs(torch.device("cuda"), torch.bfloat16)
     copy = working_copy(base.build([], "float8-fast", torch.device("cuda")))
-    calls = []
-    real = kernels.gelu_rows_float8
-    monkeypatch.setattr(kernels, "gelu_rows_float8", lambda *a: calls.append(a[0] is None) or real(*a))
+    calls, norms = [], []
+    gelu, norm = kernels.gelu_rows_float8, kernels.norm_rows_float8
+    monkeypatch.setattr(kernels, "gelu_rows_float8", lambda *a: calls.append(a[0] is None) or gelu(*a))
+    monkeypatch.setattr(kernels, "norm_rows_float8", lambda *a: norms.append(a[0].shape) or norm(*a))
     plain = copy.forward_batch(*args, blocks=Blocks())
-    assert calls == []
+    assert calls == [] and norms == []
     eager = copy.forward_batch(*args, blocks=Blocks(kernels=True))
-    blocks = len(copy.double_blocks) + len(copy.single_blocks)
-    assert len(calls) == blocks and sum(calls) == len(copy.double_blocks)  # double: no passthrough
+    double, single = len(copy.double_blocks), len(copy.single_blocks)
+    assert len(calls) == double + single and sum(calls) == double  # double: no passthrough
+    assert len(norms) == 2 * double + single  # qkv and mlp.0; linear1
     assert torch.isfinite(eager).all() and rel(eager, plain) < 6e-2
     torch._dynamo.reset()
     compiled = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))

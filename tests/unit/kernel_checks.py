@@ -155,6 +155,20 @@ def main() -> dict:
     q, scale = kernels.gelu_rows_float8(None, torch.cat((first, second), 1), None)
     out["gelu_rows_all_gelu_vs_values"] = rel(q.float() * scale, gelu_rows_reference(first, second, None))
 
+    # float8-fast's norm rows (kernels.norm_rows_float8): layer norm, modulation, quantization.
+    from worker.rowwise import norm_rows_reference
+
+    x = (torch.randn(rows, 96, generator=gen) * 3 + torch.randn(rows, 1, generator=gen)).to(torch.bfloat16)
+    shift, scale = (torch.randn(96, generator=gen).to(torch.bfloat16) for _ in range(2))
+    q, q_scale = kernels.norm_rows_float8(x, shift, scale)
+    values = norm_rows_reference(x, shift, scale)
+    want_q, want_scale = quantize_rows(values)
+    out["norm_rows_shape"] = list(q.shape) + list(q_scale.shape)
+    out["norm_rows_scale"] = float(((q_scale - want_scale).abs() / want_scale).max())
+    out["norm_rows_vs_reference"] = rel(q.float() * q_scale, want_q.float() * want_scale)
+    q, q_scale = kernels.norm_rows_float8(x, shift, -scale)  # the comparison can fail
+    out["norm_rows_negated_scale_vs_reference"] = rel(q.float() * q_scale, want_q.float() * want_scale)
+
     # The whole model: blocks with the kernels against the plain blocks, two segments.
     calls = {"qkv_heads": 0, "joint_qkv_heads": 0}
     bias_seen: list[bool] = []

@@ -99,6 +99,15 @@ def test_gelu_rows_quantize_as_the_plain_ops(checks, label):
     assert checks[f"gelu_rows_vs_reference_{label}"] < 0.08
 
 
+def test_norm_rows_quantize_as_the_plain_ops(checks):
+    """float8-fast's norm rows: layer norm, modulation and quantization as the plain ops (in the
+    interpreter's own bf16 and e4m3 rounding, as above; bit for bit on CUDA: tests/gpu)."""
+    assert checks["norm_rows_shape"] == [21, 96, 21, 1]
+    assert checks["norm_rows_scale"] <= 2**-6
+    assert checks["norm_rows_vs_reference"] < 0.08
+    assert checks["norm_rows_negated_scale_vs_reference"] > 0.2
+
+
 def test_gelu_rows_wrong_inputs_are_seen(checks):
     assert checks["gelu_rows_without_bias_vs_values"] > 0.2
     assert checks["gelu_rows_all_gelu_vs_values"] > 0.2
