@@ -1,4 +1,6 @@
-"""One Triton kernel for the blocks' attention inputs: bias, QK RMSNorm, RoPE, head layout.
+"""Triton kernels for the blocks: their attention inputs (bias, QK RMSNorm, RoPE, head layout),
+and, in float8-fast, the rows its row-wise float8 layers read (``norm_rows_float8``,
+``gelu_rows_float8``: see ``worker.rowwise``).
 
 Compiled, each block's ``qkv`` goes through three passes per tensor: a reduction for the RMS, a
 pointwise pass normalising and rounding to bf16, and, per guidance segment, a pass applying RoPE
