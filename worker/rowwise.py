@@ -1,22 +1,24 @@
-"""float8-fast's row-wise float8 layers as plain tensors, and one Triton kernel for the GELU
-consumers' activation quantization.
+"""float8-fast's row-wise float8 layers as plain tensors, and the rows its kernels quantize.
 
 "float8-fast" quantizes the image-stream activations per row (torchao's
 ``Float8DynamicActivationFloat8WeightConfig(PerRow())``): the row's absolute maximum over 448
 gives its scale (divided in the activation dtype, then float32), the row is divided by it, clamped
 and rounded to e4m3, and ``torch._scaled_mm`` multiplies with the weights' own per-row scales.
 ``Float8RowwiseLinear`` is that layer with torchao's tensor subclass taken apart (the working copy
-builds it from the variant's weights, sharing them), so a consumer can hand it activations it
-quantized itself.
+builds it from the variant's weights, sharing them), so the op that writes a layer's input can
+quantize it too.
 
-Two of those layers read a GELU: the single block's ``linear2`` reads ``cat(attn, gelu(mlp))``
-(15360 columns) and the double block's ``img_mlp.2`` reads ``gelu(img_mlp.0(x))``. Compiled, the
-GELU, the row maximum and the quantization are one inductor reduction per layer that ran at about a
-quarter of the card's bandwidth (bench/RESULTS.md, run X: 0.41 ms per single block at full size).
-``kernels.gelu_rows_float8`` does it in one Triton kernel: per row, one pass for the maximum and one that
-writes e4m3 (the row is read again from L2), with the arithmetic of the plain path in its order:
-the bias added and rounded to bf16, the tanh GELU in float32 rounded to bf16, the scale rounded to
-bf16, an IEEE division (``div_rn``) and round-to-nearest-even to e4m3.
+Compiled, each layer's quantization was an inductor reduction of its own, and those before the
+GELU consumers ran at about a quarter of the card's bandwidth (bench/RESULTS.md, run X: 0.41 ms per
+single block at full size). Two Triton kernels (``worker.kernels``) write the e4m3 rows and their
+scales directly, one program per row holding the whole row (one read, one write):
+``norm_rows_float8`` for the layers after a layer norm and modulation (the image stream's ``qkv``
+and ``mlp.0``, the single block's ``linear1``), ``gelu_rows_float8`` for those after the tanh GELU
+(the double block's ``img_mlp.2``, the single block's ``linear2`` over ``cat(attn, gelu(mlp))``).
+They keep the plain path's roundings in its order (the bias added and rounded to bf16, the GELU or
+the modulated norm rounded to bf16, the scale rounded to bf16, round-to-nearest-even to e4m3); their
+division by the scale is Triton's (within 2 ulp of float32), so a rare value lands one e4m3 step
+from the plain ops' (tests/gpu: more than 99.5% of bytes equal).
 """
 
 from __future__ import annotations
@@ -72,16 +74,16 @@ class Float8RowwiseLinear(nn.Module):
             use_fast_accum=self.fast_accum,
         )
 
-    def _apply(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def _linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         out = self.matmul(*quantize_rows(rows), bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._apply(x, self.bias)
+        return self._linear(x, self.bias)
 
     def product(self, x: Tensor) -> Tensor:
-        return self._apply(x, None)
+        return self._linear(x, None)
 
     def norm_product(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         """``product(modulate(layer_norm(x), shift, scale))``, the rows quantized by one kernel."""

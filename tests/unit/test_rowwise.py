@@ -53,6 +53,8 @@ def test_rowwise_layer_gives_the_float8_fast_layers_bits():
     assert plain.qdata.data_ptr() == layer.weight.qdata.data_ptr()  # shared, not copied
     x = torch.randn(2, 19, 64)  # float32, as the norms give under autocast
     assert torch.equal(plain(x), layer(x))
+    moved = plain.to("cpu")  # an nn.Module still: .to() and friends work, the data untouched
+    assert moved is plain and plain.qdata.dtype == torch.float8_e4m3fn
     got, bias = product(plain, x)
     assert bias is layer.bias
     assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight))
