@@ -11,7 +11,9 @@ and a profile of ``--profile-steps`` steps, its kernels grouped into GEMM, atten
 
 Paths: ``weight_only`` (float8 weight-only, dequantized per forward), ``working`` (the same
 variant's working copy, dequantized once: the engine's default), ``fast`` and ``fast_working``
-(float8-fast, without and with the working copy of its weight-only layers), ``bf16`` (no
+(float8-fast, without and with the working copy: its weight-only layers dequantized, its row-wise
+layers as ``worker.rowwise.Float8RowwiseLinear``, whose inputs the ``*_kernels`` paths quantize in
+the kernels that write them), ``bf16`` (no
 quantization); ``*_kernels`` runs each block's q/k/v kernel (``worker.kernels``).
 """
 

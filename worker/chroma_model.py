@@ -211,17 +211,22 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
 def norm_product(layer: nn.Linear, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
     """``product(layer, modulate(layer_norm(x), shift, scale))``. For float8-fast's row-wise layers
     with one modulation for every row, the norm, the modulation and the row-wise quantization are
-    one kernel (``Float8RowwiseLinear.norm_product``)."""
+    one kernel (``Float8RowwiseLinear.norm_forward``)."""
     if fuses_rows(layer, x) and shift.numel() == x.shape[-1]:
-        return layer.norm_product(x, shift, scale), layer.bias
+        return layer.norm_forward(x, shift, scale, None), layer.bias
     return product(layer, modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
 
 
 def fused_mlp(mlp: nn.Sequential, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """``mlp(modulate(layer_norm(x), shift, scale))`` (Linear, tanh GELU, Linear) for float8-fast's
-    image MLP: the norm and the GELU each quantize their rows in one kernel."""
-    h, bias = norm_product(mlp[0], x, shift, scale)
-    out = mlp[2].gelu_forward(None, h.reshape(-1, h.shape[-1]), bias)
+    image MLP: the norm and the GELU each quantize their rows in one kernel; both biases stay
+    inside their float8 matmuls, as torchao adds them."""
+    first = mlp[0]
+    if fuses_rows(first, x) and shift.numel() == x.shape[-1]:
+        h = first.norm_forward(x, shift, scale, first.bias)
+    else:
+        h = first(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+    out = mlp[2].gelu_forward(None, h.reshape(-1, h.shape[-1]), None)
     return out.reshape(*x.shape[:-1], -1)
 
 

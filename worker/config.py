@@ -8,7 +8,11 @@ Speed recipe (``Recipe``, one flag per optimisation so the benchmark can switch 
 its float8 weight-only weights dequantized, see ``worker.variants.working_copy``), ``kernels``
 (each block's q/k/v preparation as one Triton kernel, ``worker.kernels``). None of them
 changes the quantization: "float8" stays the reference's weight-only numerics; "float8-fast"
-(opt-in, lossy) adds float8 activations. Preview mode's qfloat8 base takes the same recipe.
+(opt-in, lossy) adds float8 activations. In "float8-fast", ``working_copy`` and ``kernels``
+together also let the float8 layers' inputs be quantized by the kernel that writes them
+(``worker.rowwise``): the same arithmetic, where a rare value can round one e4m3 step apart, so
+a render without the working copy (no room for it) can differ from one with it in those roundings.
+Preview mode's qfloat8 base takes the same recipe.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ if triton is not None:
             f = tl.load(first + row * first_stride + first_col, mask=first_live, other=0.0).to(tl.float32)
             peak = tl.maximum(peak, tl.max(tl.abs(f), axis=0))
         # The maximum over 448 in bf16 (the activations' dtype), then float32.
-        scale = (peak / 448.0).to(tl.bfloat16).to(tl.float32)
+        scale = tl.math.div_rn(peak, 448.0).to(tl.bfloat16).to(tl.float32)
         tl.store(scales + row, scale)
         width = n_first + n_second
         if n_first > 0:
@@ -240,7 +240,7 @@ if triton is not None:
             m = m.to(tl.bfloat16).to(tl.float32)
         z = m * y + tl.load(shift + col, mask=live, other=0.0).to(tl.float32)
         z = z.to(tl.bfloat16).to(tl.float32)
-        q_scale = (tl.max(tl.abs(z), axis=0) / 448.0).to(tl.bfloat16).to(tl.float32)
+        q_scale = tl.math.div_rn(tl.max(tl.abs(z), axis=0), 448.0).to(tl.bfloat16).to(tl.float32)
         tl.store(scales + row, q_scale)
         q = tl.clamp(z / q_scale, -448.0, 448.0)
         tl.store(out + row * n + col, q.to(tl.float8e4nv), mask=live)

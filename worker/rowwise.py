@@ -15,10 +15,13 @@ scales directly, one program per row holding the whole row (one read, one write)
 ``norm_rows_float8`` for the layers after a layer norm and modulation (the image stream's ``qkv``
 and ``mlp.0``, the single block's ``linear1``), ``gelu_rows_float8`` for those after the tanh GELU
 (the double block's ``img_mlp.2``, the single block's ``linear2`` over ``cat(attn, gelu(mlp))``).
-They keep the plain path's roundings in its order (the bias added and rounded to bf16, the GELU or
-the modulated norm rounded to bf16, the scale rounded to bf16, round-to-nearest-even to e4m3); their
-division by the scale is Triton's (within 2 ulp of float32), so a rare value lands one e4m3 step
-from the plain ops' (tests/gpu: more than 99.5% of bytes equal).
+They keep the plain path's roundings in its order (the GELU or the modulated norm rounded to bf16,
+the scale divided exactly and rounded to bf16, round-to-nearest-even to e4m3). Three things can
+move a last float32 bit, and so, rarely, a bf16 rounding or one e4m3 step: the tanh computed
+another way than torch's, a multiply-add contracted, and each value's division by its scale (Triton's,
+within 2 ulp). On CUDA more than 99.5% of bytes equal the plain ops' (tests/gpu). In the single
+block, ``linear1``'s bias reaches the GELU after the product's bf16 rounding (``product``), as it
+already did for the q/k/v kernel; every other bias stays inside ``_scaled_mm``, as torchao adds it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Float8RowwiseLinear(nn.Module):
     @classmethod
     def from_float8(cls, weight, bias: Tensor | None) -> Float8RowwiseLinear:
         """From torchao's row-wise ``Float8Tensor`` weight, sharing its data."""
+        assert reproduces(weight), "a float8 layer whose arithmetic this class does not reproduce"
         return cls(weight.qdata, weight.scale, bias, bool(weight.mm_config.use_fast_accum))
 
     def matmul(self, xq: Tensor, x_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -85,12 +89,13 @@ class Float8RowwiseLinear(nn.Module):
     def product(self, x: Tensor) -> Tensor:
         return self._linear(x, None)
 
-    def norm_product(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-        """``product(modulate(layer_norm(x), shift, scale))``, the rows quantized by one kernel."""
+    def norm_forward(self, x: Tensor, shift: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        """``modulate(layer_norm(x), shift, scale)`` through the layer, the rows quantized by one
+        kernel; ``bias`` None leaves the layer's bias to the caller (``product``)."""
         from worker.kernels import norm_rows_float8  # imports Triton: only where the kernel runs
 
         rows = x.reshape(-1, x.shape[-1])
-        out = self.matmul(*norm_rows_float8(rows, shift.reshape(-1), scale.reshape(-1)), None)
+        out = self.matmul(*norm_rows_float8(rows, shift.reshape(-1), scale.reshape(-1)), bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def gelu_forward(self, first: Tensor | None, second: Tensor, bias: Tensor | None) -> Tensor:
@@ -98,6 +103,27 @@ class Float8RowwiseLinear(nn.Module):
         from worker.kernels import gelu_rows_float8  # imports Triton: only where the kernel runs
 
         return self.matmul(*gelu_rows_float8(first, second, bias), self.bias)
+
+
+def reproduces(weight) -> bool:
+    """Whether ``Float8RowwiseLinear`` computes what torchao computes for this row-wise weight:
+    torch's own quantization and ``_scaled_mm`` (not torchao's optional MSLK kernels), no inner
+    padding, no bounds on the activations' scale."""
+    import importlib.util
+
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
+    kwargs, config = weight.act_quant_kwargs, weight.mm_config
+    mslk = importlib.util.find_spec("mslk") is not None
+    return (
+        weight.scale.shape == (weight.qdata.shape[0], 1)
+        and config is not None
+        and not config.pad_inner_dim
+        and kwargs.hp_value_lb is None
+        and kwargs.hp_value_ub is None
+        and (weight.kernel_preference == KernelPreference.TORCH or not mslk)
+        and (kwargs.kernel_preference == KernelPreference.TORCH or not mslk)
+    )
 
 
 def fuses_rows(layer: nn.Module, x: Tensor) -> bool:

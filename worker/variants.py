@@ -34,7 +34,7 @@ from tasks.settings import Quantization
 from worker.chroma_model import CastInputLinear, ChromaConfig, ChromaTransformer
 from worker.components import quantize_transformer_part
 from worker.lora import LoraLayer, ParsedLora, merge_into
-from worker.rowwise import Float8RowwiseLinear
+from worker.rowwise import Float8RowwiseLinear, reproduces
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,10 @@ def working_copy(model: ChromaTransformer) -> ChromaTransformer:
         if isinstance(original, CastInputLinear) and module.__class__ is not DequantizedLinear:
             module.__class__ = CastInputLinear  # a float8-activation layer
     for name, module in list(copy.named_modules()):
-        if isinstance(module, CastInputLinear) and is_rowwise_float8(module.weight):
+        weight = getattr(module, "weight", None)
+        if isinstance(module, CastInputLinear) and is_rowwise_float8(weight) and reproduces(weight):
             parent, _, attr = name.rpartition(".")
-            layer = Float8RowwiseLinear.from_float8(module.weight, module.bias)
-            setattr(copy.get_submodule(parent), attr, layer)
+            setattr(copy.get_submodule(parent), attr, Float8RowwiseLinear.from_float8(weight, module.bias))
     return copy.eval().requires_grad_(False)
 
 

@@ -1,7 +1,7 @@
 """float8-fast's row-wise layers as plain tensors (``worker.rowwise``) compute what torchao's
 float8 layers compute: the same activation quantization and the same ``_scaled_mm``, bit for bit
-on the CPU. The GELU kernel is checked in Triton's interpreter (``test_kernels.py``) and exactly on
-CUDA (``tests/gpu``)."""
+on the CPU. The row kernels are checked in Triton's interpreter (``test_kernels.py``) and on CUDA,
+byte for byte but for rare last-step roundings (``tests/gpu``)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,29 @@ def float8_fast_on_the_cpu(monkeypatch):
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
 
 
-def fast_layer(seed: int = 0) -> CastInputLinear:
+def fast_layer(seed: int = 0, **options) -> CastInputLinear:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     torch.manual_seed(seed)
     layer = CastInputLinear(64, 96).to(torch.bfloat16)
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), set_inductor_config=False, **options
+    )
     quantize_(layer, config)
     return layer
+
+
+def test_layers_whose_arithmetic_differs_stay_torchaos():
+    """Bounds on the activations' scale or inner padding change torchao's arithmetic: such a
+    layer is not rebuilt as a plain one (the working copy keeps torchao's)."""
+    from torchao.float8.inference import Float8MMConfig
+
+    from worker.rowwise import reproduces
+
+    assert reproduces(fast_layer().weight)
+    assert not reproduces(fast_layer(activation_value_ub=100.0).weight)
+    padded = Float8MMConfig(use_fast_accum=True, pad_inner_dim=True)
+    assert not reproduces(fast_layer(mm_config=padded).weight)
 
 
 @torch.inference_mode()
