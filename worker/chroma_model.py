@@ -208,24 +208,26 @@ def product(layer: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
     return layer(x), None
 
 
-def norm_product(layer: nn.Linear, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``product(layer, modulate(layer_norm(x), shift, scale))``. For float8-fast's row-wise layers
-    with one modulation for every row, the norm, the modulation and the row-wise quantization are
-    one kernel (``Float8RowwiseLinear.norm_forward``)."""
+def norm_product(
+    layer: nn.Linear, x: Tensor, shift: Tensor, scale: Tensor, keep_bias: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``product(layer, modulated_norm(x, shift, scale))``, or with ``keep_bias`` the layer's whole
+    output and no bias left. For float8-fast's row-wise layers with one modulation for every row,
+    the norm, the modulation and the row-wise quantization are one kernel
+    (``Float8RowwiseLinear.norm_forward``)."""
     if fuses_rows(layer, x) and shift.numel() == x.shape[-1]:
+        if keep_bias:
+            return layer.norm_forward(x, shift, scale, layer.bias), None
         return layer.norm_forward(x, shift, scale, None), layer.bias
-    return product(layer, modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+    rows = modulated_norm(x, shift, scale)
+    return (layer(rows), None) if keep_bias else product(layer, rows)
 
 
 def fused_mlp(mlp: nn.Sequential, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """``mlp(modulate(layer_norm(x), shift, scale))`` (Linear, tanh GELU, Linear) for float8-fast's
-    image MLP: the norm and the GELU each quantize their rows in one kernel; both biases stay
-    inside their float8 matmuls, as torchao adds them."""
-    first = mlp[0]
-    if fuses_rows(first, x) and shift.numel() == x.shape[-1]:
-        h = first.norm_forward(x, shift, scale, first.bias)
-    else:
-        h = first(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+    """``mlp(modulated_norm(x, shift, scale))`` (Linear, tanh GELU, Linear) for float8-fast's image
+    MLP: the norm and the GELU each quantize their rows in one kernel; both biases stay inside
+    their float8 matmuls, as torchao adds them."""
+    h, _ = norm_product(mlp[0], x, shift, scale, keep_bias=True)
     out = mlp[2].gelu_forward(None, h.reshape(-1, h.shape[-1]), None)
     return out.reshape(*x.shape[:-1], -1)
 
@@ -239,6 +241,11 @@ def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (1 + scale) * x + shift
+
+
+def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """The blocks' pre-norm: layer norm without affine weights, then the modulation."""
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -264,8 +271,7 @@ class DoubleStreamBlock(nn.Module):
         # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod.split(1, dim=1)
-        dim = img.shape[-1]
-        txt_in = modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift1, t_scale1)
+        txt_in = modulated_norm(txt, t_shift1, t_scale1)
 
         if tables is not None and txt.shape[0] == 1 and img.shape[0] == len(pes):
             # One kernel for both streams' bias, QK norm, RoPE and the joint layout (worker.kernels).
@@ -293,7 +299,7 @@ class DoubleStreamBlock(nn.Module):
             q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
             txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
         else:
-            img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift1, i_scale1)
+            img_in = modulated_norm(img, i_shift1, i_scale1)
             img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_in), self.num_heads)
             img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
             txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(txt_in), self.num_heads)
@@ -304,10 +310,10 @@ class DoubleStreamBlock(nn.Module):
         if tables is not None and fuses_rows(self.img_mlp[2], img):
             img = img + i_gate2 * fused_mlp(self.img_mlp, img, i_shift2, i_scale2)
         else:
-            img_in = modulate(F.layer_norm(img, (dim,), eps=1e-6), i_shift2, i_scale2)
+            img_in = modulated_norm(img, i_shift2, i_scale2)
             img = img + i_gate2 * self.img_mlp(img_in)
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * self.txt_mlp(modulate(F.layer_norm(txt, (dim,), eps=1e-6), t_shift2, t_scale2))
+        txt = txt + t_gate2 * self.txt_mlp(modulated_norm(txt, t_shift2, t_scale2))
         return img, txt
 
 
@@ -355,7 +361,7 @@ class SingleStreamBlock(nn.Module):
                 return x + gate * out.reshape(1, rows, -1)
             mlp = raw[..., 3 * dim :] if bias is None else raw[..., 3 * dim :] + bias[3 * dim :]
         else:
-            x_mod = modulate(F.layer_norm(x, (dim,), eps=1e-6), shift, scale)
+            x_mod = modulated_norm(x, shift, scale)
             qkv, mlp = torch.split(
                 self.linear1(x_mod), [3 * dim, self.linear1.out_features - 3 * dim], dim=-1
             )
@@ -372,7 +378,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: Tensor, mod: Tensor) -> Tensor:
         shift, scale = mod[:, 0:1], mod[:, 1:2]
-        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
+        return self.linear(modulated_norm(x, shift, scale))
 
 
 class ChromaTransformer(nn.Module):
