@@ -26,6 +26,9 @@ already did for the q/k/v kernel; every other bias stays inside ``_scaled_mm``, 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -105,16 +108,20 @@ class Float8RowwiseLinear(nn.Module):
         return self.matmul(*gelu_rows_float8(first, second, bias), self.bias)
 
 
+@functools.cache
+def _mslk_installed() -> bool:
+    """Whether torchao could pick its MSLK kernels (looked up once: every working copy asks)."""
+    return importlib.util.find_spec("mslk") is not None
+
+
 def reproduces(weight) -> bool:
     """Whether ``Float8RowwiseLinear`` computes what torchao computes for this row-wise weight:
     torch's own quantization and ``_scaled_mm`` (not torchao's optional MSLK kernels), no inner
     padding, no bounds on the activations' scale."""
-    import importlib.util
-
     from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 
     kwargs, config = weight.act_quant_kwargs, weight.mm_config
-    mslk = importlib.util.find_spec("mslk") is not None
+    mslk = _mslk_installed()
     return (
         weight.scale.shape == (weight.qdata.shape[0], 1)
         and config is not None
