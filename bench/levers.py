@@ -28,6 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from measure import event_ms, rel  # noqa: E402  (bench/measure.py)
 
+from worker.rowwise import quantize_rows  # noqa: E402
+
 HIDDEN, MLP, HEADS, DIM = 3072, 12288, 24, 128
 DOUBLE, SINGLE = 19, 38
 IMAGE_ROWS, STREAM_ROWS = 8192, 8231  # both branches: 2 x 4096 image tokens; + 37 + 2 text tokens
@@ -40,19 +42,12 @@ SHAPES = {
     "single linear1": (STREAM_ROWS, HIDDEN, 3 * HIDDEN + MLP, SINGLE),
     "single linear2": (STREAM_ROWS, HIDDEN + MLP, HIDDEN, SINGLE),
 }
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max
-
-
-def rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).to(E4M3), scale
 
 
 def products(x: torch.Tensor, w: torch.Tensor) -> dict:
     """``x @ w.T`` three ways: bf16, float8 with row-wise scales, float8 with one scale each."""
-    xq, xs = rowwise(x)
-    wq, ws = rowwise(w)
+    xq, xs = quantize_rows(x)  # float8-fast's own row-wise quantization
+    wq, ws = quantize_rows(w)
     one = torch.ones((), device=x.device)
 
     def scaled(a_scale: torch.Tensor, b_scale: torch.Tensor):
@@ -120,7 +115,7 @@ def attention(device: torch.device, tokens: int) -> dict:
     print(out, flush=True)
     # float8 attention: the FA3 route of torch.nn.attention (needs FA3's own package), and SDPA on
     # float8 tensors directly.
-    q8, k8, v8 = (t.to(E4M3) for t in dense)
+    q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in dense)
     descale = torch.ones(1, HEADS, device=device)
     probes = {}
     try:
@@ -162,7 +157,7 @@ def attention(device: torch.device, tokens: int) -> dict:
 
 def gelu_rows(device: torch.device) -> dict:
     from worker import kernels
-    from worker.rowwise import gelu_rows_reference, quantize_rows
+    from worker.rowwise import gelu_rows_reference
 
     out: dict = {}
     raw = torch.randn(STREAM_ROWS, 3 * HIDDEN + MLP, device=device, dtype=torch.bfloat16)
