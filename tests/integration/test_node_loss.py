@@ -152,14 +152,20 @@ def test_a_frozen_worker_is_replaced_and_writes_nothing_when_it_resumes(make_sta
     assert f"[{task_id}] succeeded" not in frozen.text()
 
 
-def test_sigterm_requeues_a_long_task_after_the_grace_and_another_worker_completes_it(make_stack, s3):
-    grace = 3
+def sigterm_while_running(make_stack, grace: int, prompts: int):
+    """Two workers with ``grace`` seconds to stop; SIGTERM to the one running a ``prompts``-image
+    task, to the parent only, as `docker stop` does -> (stack, task id, that worker, when)."""
     stack = make_stack(stop_grace=grace)
     start_workers(stack, 2)
-    task_id = submit(request(3), app=stack.app, settings=stack.settings)
+    task_id = submit(request(prompts), app=stack.app, settings=stack.settings)
     stopping = running_worker(stack, task_id)
-    stopping.process.send_signal(signal.SIGTERM)  # to the parent only, as `docker stop` does
-    signalled = time.monotonic()
+    stopping.process.send_signal(signal.SIGTERM)
+    return stack, task_id, stopping, time.monotonic()
+
+
+def test_sigterm_requeues_a_long_task_after_the_grace_and_another_worker_completes_it(make_stack, s3):
+    grace = 3
+    stack, task_id, stopping, signalled = sigterm_while_running(make_stack, grace, prompts=3)
 
     redelivered = wait_for_delivery(stack, task_id, 2, timeout=30) - signalled
     stopping.process.wait(timeout=30)
@@ -174,12 +180,7 @@ def test_sigterm_requeues_a_long_task_after_the_grace_and_another_worker_complet
 
 def test_sigterm_lets_a_task_finish_within_the_grace_and_the_worker_exits_then(make_stack, s3):
     grace = 40
-    stack = make_stack(stop_grace=grace)
-    start_workers(stack, 2)
-    task_id = submit(request(1), app=stack.app, settings=stack.settings)
-    stopping = running_worker(stack, task_id)
-    stopping.process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
+    stack, task_id, stopping, signalled = sigterm_while_running(make_stack, grace, prompts=1)
 
     result = wait(task_id, app=stack.app, timeout=grace, poll_interval=0.2)
     finished = time.monotonic() - signalled
