@@ -10,8 +10,11 @@ could win at most.
   two equal segments in one call; and whether this torch has a float8 attention that runs.
 - float8-fast's GELU rows kernel (``worker.kernels.gelu_rows_float8``) at both blocks' widths, per
   launch width (warps), against the same rows through the plain ops compiled by inductor.
+- float8-fast's 8-bit attention (``worker.attention8``) over both guidance segments of a step's
+  single block (4133 + 4098 rows of one token-major buffer), per launch shape, against cuDNN's
+  bf16 attention on the same buffer, with its relative difference from it.
 
-    python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows]
+    python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows,attention8]
 """
 
 from __future__ import annotations
@@ -185,6 +188,49 @@ def gelu_rows(device: torch.device) -> dict:
     return out
 
 
+def attention8(device: torch.device) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from worker import attention8 as a8
+    from worker.attention import packed_attention
+    from worker.kernels import as_heads
+
+    lengths = [4133, 4098]
+    flop = sum(4 * n * n * DIM * HEADS for n in lengths)
+    heads = torch.randn(sum(lengths), 3, HEADS, DIM, device=device, dtype=torch.bfloat16)
+    q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
+    pes = tuple(torch.empty(1, 1, n, 1, device=device) for n in lengths)  # only their lengths are read
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        want = packed_attention(q, k, v, pes, None, rotated=True)
+        ms = event_ms(lambda: packed_attention(q, k, v, pes, None, rotated=True), runs=20, repeats=3)
+    out: dict = {"cudnn bf16": {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}}
+    default = (a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES)
+    for shape in (
+        (128, 128, 8, 3),
+        (128, 128, 8, 2),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 4, 3),
+        (64, 128, 4, 3),
+    ):
+        a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES = shape
+        name = "{}x{} {} warps {} stages".format(*shape)
+        try:
+            got = a8.attention_8bit(heads, lengths)
+            ms = event_ms(lambda: a8.attention_8bit(heads, lengths), runs=20, repeats=3)
+            out[name] = {
+                "ms": round(ms, 4),
+                "tflops": round(flop / ms / 1e9, 1),
+                "rel_vs_cudnn": round(rel(got.unsqueeze(0), want), 5),
+            }
+        except Exception as exc:  # noqa: BLE001  (a launch shape that does not fit is an answer)
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        print(name, out[name], flush=True)
+    a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES = default
+    print(out, flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -198,6 +244,7 @@ def main() -> int:
         "gemm": lambda: gemms(device),
         "attention": lambda: attention(device, args.tokens),
         "gelu_rows": lambda: gelu_rows(device),
+        "attention8": lambda: attention8(device),
     }
     for name in args.only.split(","):
         res[name] = sections[name]()

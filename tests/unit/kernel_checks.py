@@ -2,6 +2,12 @@
 
 The interpreter is chosen when Triton is imported (``TRITON_INTERPRET=1``), so these run in their
 own process (``test_kernels.py`` starts it) and print one JSON object of measured differences.
+
+Two things Triton 3.6's interpreter does its own way are set right first (``mend_interpreter``):
+a loop over a runtime bound (``range(0, n, step)``) takes the bound with ``int()`` of a one-element
+array, which numpy 2.4 refuses; and its float-to-float conversions truncate to bf16 and can carry
+an e4m3 rounding into the wrong binade (128 written as 64), where the GPU rounds to nearest even.
+With ``exact_casts`` the conversions are torch's (round to nearest even, as the GPU's ``cvt.rn``).
 """
 
 from __future__ import annotations
@@ -95,9 +101,55 @@ def model_inputs(device: torch.device, dtype: torch.dtype):
     return model, copy, (img, txts, pes, timestep, torch.zeros(1, device=device))
 
 
+def mend_interpreter(exact_casts: bool) -> None:
+    import numpy as np
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    if not exact_casts:
+        return
+    floats = {
+        tl.float32: torch.float32,
+        tl.bfloat16: torch.bfloat16,
+        tl.float16: torch.float16,
+        tl.float8e4nv: torch.float8_e4m3fn,
+        tl.float8e5: torch.float8_e5m2,
+    }
+    builder = interpreter.InterpreterBuilder
+    cast, fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+
+    def convert(src, dst_type):
+        source, target = floats[src.dtype.scalar], floats[dst_type.scalar]
+        data = np.ascontiguousarray(src.data)
+        x = torch.from_numpy(data.reshape(-1).view(np.uint8).copy()).view(source)
+        y = x.to(target).view(torch.uint8).numpy().view(interpreter._get_np_dtype(dst_type))
+        return interpreter.TensorHandle(y.reshape(data.shape), dst_type.scalar)
+
+    def exact_cast(self, src, dst_type):
+        if src.dtype.scalar in floats and dst_type.scalar in floats:
+            return convert(src, dst_type)
+        return cast(self, src, dst_type)
+
+    def exact_fp_to_fp(self, src, dst_type, rounding_mode):
+        if rounding_mode in (None, interpreter._ir.ROUNDING_MODE.RTNE):
+            return convert(src, dst_type)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.cast_impl, builder.create_fp_to_fp = exact_cast, exact_fp_to_fp
+
+
 @torch.inference_mode()
 def main() -> dict:
     from worker import kernels
+
+    mend_interpreter(exact_casts=True)
 
     out: dict = {"interpreter": os.environ.get("TRITON_INTERPRET") == "1", "available": kernels.available()}
     for dtype in (torch.float32, torch.bfloat16):
@@ -169,6 +221,23 @@ def main() -> dict:
     q, q_scale = kernels.norm_rows_float8(x, shift, -scale)  # the comparison can fail
     out["norm_rows_negated_scale_vs_reference"] = rel(q.float() * q_scale, want_q.float() * want_scale)
 
+    # float8-fast's 8-bit attention (worker.attention8): the kernel against its torch reference
+    # (same quantization, same tile order), then against exact attention; two segments, the second
+    # ending inside a key tile, and one of 300 rows.
+    from worker import attention8
+
+    for label, lengths, spread in (("two", [150, 37], 1.0), ("one", [300], 3.0)):
+        heads = (torch.randn(sum(lengths), 3, 2, 32, generator=gen) * spread).to(torch.bfloat16)
+        got = attention8.attention_8bit(heads, lengths)
+        out[f"attention8_shape_{label}"] = list(got.shape)
+        out[f"attention8_vs_reference_{label}"] = rel(got, attention8.reference(heads, lengths))
+        out[f"attention8_vs_exact_{label}"] = rel(got, exact_attention(heads, lengths))
+    # The comparison can fail: the segments attending across each other.
+    heads = (torch.randn(187, 3, 2, 32, generator=gen)).to(torch.bfloat16)
+    out["attention8_joined_segments_vs_reference"] = rel(
+        attention8.attention_8bit(heads, [150, 37]), attention8.reference(heads, [187])
+    )
+
     # The whole model: blocks with the kernels against the plain blocks, two segments.
     calls = {"qkv_heads": 0, "joint_qkv_heads": 0}
     bias_seen: list[bool] = []
@@ -208,7 +277,32 @@ def main() -> dict:
         variant.forward_batch(*args, blocks=Blocks(kernels=True)), plain
     )
     out["float8_bias_in_kernel"] = list(bias_seen)
+
+    # The model with 8-bit attention on the kernels' output, against bf16-free exact attention.
+    eight_calls = []
+    real_attend = attention8.attention_8bit
+
+    def counted_attend(heads, lengths):
+        eight_calls.append(list(lengths))
+        return real_attend(heads, lengths)
+
+    attention8.attention_8bit = counted_attend
+    exact = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True))
+    eight = model.forward_batch(img, txts, pes, t, g, blocks=Blocks(kernels=True, attention_8bit=True))
+    out["model_attention8_vs_kernels_float32"] = rel(eight, exact)
+    out["model_attention8_segments"] = eight_calls
     return out
+
+
+def exact_attention(heads: torch.Tensor, lengths: list) -> torch.Tensor:
+    """Float32 attention per segment over (rows, 3, H, D) -> (rows, H * D)."""
+    out, start = [], 0
+    for length in lengths:
+        q, k, v = heads[start : start + length].float().permute(1, 2, 0, 3)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.append(o.permute(1, 0, 2).reshape(length, -1))
+        start += length
+    return torch.cat(out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The blocks' q/k/v kernels (``worker.kernels``) compute what the plain blocks compute.
 
-On the CPU it runs in Triton's interpreter, in its own process (``kernel_checks.py``): float32
-exactly as the torch reference (to the last float32 rounding), the tiny model's output with the
-kernel as without it. The interpreter does not round to bf16 the way a GPU does, so bf16 is held
-to the bf16 noise here and checked tightly on CUDA.
+On the CPU it runs in Triton's interpreter, in its own process (``kernel_checks.py``), with the
+interpreter's float conversions made torch's (round to nearest even, as the GPU rounds): float32
+exactly as the torch reference (to the last float32 rounding), bf16 and e4m3 to the same
+roundings, the tiny model's output with the kernels as without them. tests/gpu checks on CUDA.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_checks_ran_in_the_interpreter(checks):
 @pytest.mark.parametrize("bias", ["kernel", "no_bias"])
 def test_kernel_matches_the_reference(checks, bias):
     assert checks[f"{bias}_vs_reference_float32"] < 1e-6
-    assert checks[f"{bias}_vs_reference_bfloat16"] < 1e-2
+    assert checks[f"{bias}_vs_reference_bfloat16"] < 1e-3
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -61,7 +61,7 @@ def test_joint_kernel_matches_the_reference(checks):
     """The double block's: two streams with their own weights, rows placed per segment."""
     assert checks["joint_shape_float32"] == [60, 3, 4, 32]  # 2 x (text + 20 image rows), 15 + 5 text
     assert checks["joint_vs_reference_float32"] < 1e-6
-    assert checks["joint_vs_reference_bfloat16"] < 1e-2
+    assert checks["joint_vs_reference_bfloat16"] < 1e-3
     for dtype in ("float32", "bfloat16"):
         assert checks[f"joint_exchanged_scales_vs_reference_{dtype}"] > 0.05
         assert checks[f"joint_shifted_rows_vs_reference_{dtype}"] > 0.05
@@ -89,23 +89,89 @@ def test_float8_weights_hand_their_bias_to_the_kernels(checks):
 @pytest.mark.parametrize("label", ["cat_bias", "bias", "cat"])
 def test_gelu_rows_quantize_as_the_plain_ops(checks, label):
     """float8-fast's GELU rows: e4m3 and a scale per row, as rowwise.quantize_rows of the plain
-    GELU. The interpreter rounds to bf16 and e4m3 its own way (a value rounding up across a power
-    of two can come out one binade low: 128 as 64), so here the scales may be a bf16 step or two
-    apart and the values several percent; on CUDA nearly every byte agrees (tests/gpu)."""
+    GELU: the same bytes but for a rare last-bit difference of the tanh (on CUDA: tests/gpu); the
+    values within e4m3's rounding of the unquantized GELU."""
     width = {"cat_bias": 368, "bias": 320, "cat": 368}[label]
     assert checks[f"gelu_rows_shape_{label}"] == [21, width, 21, 1]
-    assert checks[f"gelu_rows_scale_{label}"] <= 2**-6
-    assert checks[f"gelu_rows_vs_values_{label}"] < 0.08
-    assert checks[f"gelu_rows_vs_reference_{label}"] < 0.08
+    assert checks[f"gelu_rows_scale_{label}"] <= 2**-8
+    assert checks[f"gelu_rows_vs_values_{label}"] < 0.04
+    assert checks[f"gelu_rows_vs_reference_{label}"] < 2e-3
 
 
 def test_norm_rows_quantize_as_the_plain_ops(checks):
-    """float8-fast's norm rows: layer norm, modulation and quantization as the plain ops (in the
-    interpreter's own bf16 and e4m3 rounding, as above; on CUDA nearly every byte agrees: tests/gpu)."""
+    """float8-fast's norm rows: layer norm, modulation and quantization as the plain ops, the same
+    bytes but for a rare last-bit difference (on CUDA: tests/gpu)."""
     assert checks["norm_rows_shape"] == [21, 96, 21, 1]
-    assert checks["norm_rows_scale"] <= 2**-6
-    assert checks["norm_rows_vs_reference"] < 0.08
+    assert checks["norm_rows_scale"] <= 2**-8
+    assert checks["norm_rows_vs_reference"] < 2e-3
     assert checks["norm_rows_negated_scale_vs_reference"] > 0.2
+
+
+@pytest.mark.parametrize("label", ["two", "one"])
+def test_8bit_attention_is_its_reference(checks, label):
+    """float8-fast's attention: int8 q/k rows, e4m3 v rows and probabilities. In the interpreter
+    (its conversions made torch's, round to nearest even) the kernel is its torch reference to the
+    bit; against exact attention it is a few percent off on random data, whose zero-mean values
+    cancel (bench/RESULTS.md has the full-size per-forward figure)."""
+    rows = {"two": 187, "one": 300}[label]
+    assert checks[f"attention8_shape_{label}"] == [rows, 64]
+    assert checks[f"attention8_vs_reference_{label}"] < 1e-6
+    assert 1e-3 < checks[f"attention8_vs_exact_{label}"] < 0.06
+
+
+def test_8bit_attention_keeps_segments_apart(checks):
+    assert checks["attention8_joined_segments_vs_reference"] > 0.2
+
+
+def test_model_with_8bit_attention(checks):
+    """Every block of the tiny model runs it, one segment per guidance branch ([text, image] rows:
+    9 + 20 and 2 + 20), and the output stays within a percent of the kernels' exact attention."""
+    assert checks["model_attention8_segments"] == [[29, 22]] * 4
+    assert 1e-4 < checks["model_attention8_vs_kernels_float32"] < 2e-2
+
+
+@pytest.mark.parametrize("block_m, block_n, warps, stages", [(128, 128, 8, 3), (128, 64, 4, 3)])
+def test_8bit_attention_compiles_for_hopper(block_m, block_n, warps, stages):
+    """The real compiler gives Hopper's int8 and e4m3 warpgroup products (wgmma), no local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker.attention8 import _attention_kernel, _kv_kernel
+
+    tensors = {"heads": "*bf16", "k8": "*i8", "k_scales": "*fp32", "v8t": "*fp8e4nv", "v_scales": "*fp32"}
+    ints = ("start", "length", "whole", "rows", "v_start", "padded")
+    signature = {
+        **tensors,
+        "out": "*bf16",
+        **dict.fromkeys(ints, "i32"),
+        "qk_scale": "fp32",
+        **dict.fromkeys(("H", "DIM", "BLOCK_M", "BLOCK_N"), "constexpr"),
+    }
+    constants = {"H": 24, "DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 10, 11)
+    }  # pointers, v_start, padded
+    compiled = triton.compile(
+        ASTSource(_attention_kernel, signature, constants, attrs=aligned),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    ptx = compiled.asm["ptx"]
+    assert ".s32.s8.s8" in ptx and ".f32.e4m3.e4m3" in ptx and "wgmma.mma_async" in ptx
+    assert "ld.local" not in ptx
+    kv = {
+        k: v for k, v in signature.items() if k in (*tensors, "start", "length", "rows", "v_start", "padded")
+    }
+    compiled = triton.compile(
+        ASTSource(
+            _kv_kernel,
+            {**kv, **dict.fromkeys(("H", "DIM", "BLOCK"), "constexpr")},
+            {"H": 24, "DIM": 128, "BLOCK": 64},
+        ),
+        target=GPUTarget("cuda", 90, 32),
+    )
+    assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]
 
 
 def test_gelu_rows_wrong_inputs_are_seen(checks):
