@@ -188,6 +188,28 @@ def gelu_rows(device: torch.device) -> dict:
     return out
 
 
+def compiled_stats(kernel) -> list:
+    """Registers, spills and shared memory of each compiled specialization of a Triton kernel."""
+    stats = []
+    try:
+        for cache in kernel.device_caches.values():
+            for compiled in (cache[0] if isinstance(cache, tuple) else cache).values():
+                meta = compiled.metadata
+                stats.append(
+                    {
+                        "name": meta.name,
+                        "warps": meta.num_warps,
+                        "stages": meta.num_stages,
+                        "shared": meta.shared,
+                        "regs": getattr(compiled, "n_regs", None),
+                        "spills": getattr(compiled, "n_spills", None),
+                    }
+                )
+    except Exception as exc:  # noqa: BLE001  (Triton's internals: a probe)
+        stats.append({"error": repr(exc)[:200]})
+    return stats
+
+
 def attention8(device: torch.device) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -204,29 +226,39 @@ def attention8(device: torch.device) -> dict:
         want = packed_attention(q, k, v, pes, None, rotated=True)
         ms = event_ms(lambda: packed_attention(q, k, v, pes, None, rotated=True), runs=20, repeats=3)
     out: dict = {"cudnn bf16": {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}}
+    parts = a8.quantize_kv(heads, lengths)
+    ms = event_ms(lambda: a8.quantize_kv(heads, lengths), runs=20, repeats=3)
+    out["k/v quantization alone"] = {
+        "ms": round(ms, 4),
+        "GB_per_s": round(heads.numel() * 4 / 3 / ms / 1e6, 1),
+    }
     default = (a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES)
-    for shape in (
-        (128, 128, 8, 3),
-        (128, 128, 8, 2),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 4, 3),
-        (64, 128, 4, 3),
-    ):
+    products = {
+        "int8 qk, e4m3 pv": (True, True),
+        "int8 qk, bf16 pv": (True, False),
+        "bf16 both": (False, False),
+    }
+    for shape in ((128, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2)):
         a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES = shape
-        name = "{}x{} {} warps {} stages".format(*shape)
-        try:
-            got = a8.attention_8bit(heads, lengths)
-            ms = event_ms(lambda: a8.attention_8bit(heads, lengths), runs=20, repeats=3)
-            out[name] = {
-                "ms": round(ms, 4),
-                "tflops": round(flop / ms / 1e9, 1),
-                "rel_vs_cudnn": round(rel(got.unsqueeze(0), want), 5),
-            }
-        except Exception as exc:  # noqa: BLE001  (a launch shape that does not fit is an answer)
-            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-        print(name, out[name], flush=True)
+        for label, (qk_int8, pv_fp8) in products.items():
+            name = "{}x{} {} warps {} stages, ".format(*shape) + label
+            try:
+                got = a8.attend(heads, lengths, *parts, qk_int8=qk_int8, pv_fp8=pv_fp8)
+                ms = event_ms(
+                    lambda q=qk_int8, p=pv_fp8: a8.attend(heads, lengths, *parts, qk_int8=q, pv_fp8=p),
+                    runs=20,
+                    repeats=3,
+                )
+                out[name] = {
+                    "kernel alone ms": round(ms, 4),
+                    "tflops": round(flop / ms / 1e9, 1),
+                    "rel_vs_cudnn": round(rel(got.unsqueeze(0), want), 5),
+                }
+            except Exception as exc:  # noqa: BLE001  (a launch shape that does not fit is an answer)
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            print(name, out[name], flush=True)
     a8.BLOCK_M, a8.BLOCK_N, a8.NUM_WARPS, a8.NUM_STAGES = default
+    out["compiled"] = compiled_stats(a8._attention_kernel) + compiled_stats(a8._kv_kernel)
     print(out, flush=True)
     return out
 

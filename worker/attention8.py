@@ -104,37 +104,43 @@ if triton is not None:
 
     @triton.jit
     def _tile(
-        acc, m_i, l_i, c_i, q8, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key, length,
-        MASKED: tl.constexpr,
+        acc, m_i, l_i, c_i, q_op, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key, length,
+        MASKED: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
     ):  # fmt: skip
         if MASKED:
             live = key < length
             k = tl.load(k_ptrs, mask=live[:, None], other=0.0)
-            ks = tl.load(ks_ptrs, mask=live, other=0.0)
             v = tl.load(v_ptrs, mask=live[:, None], other=0.0)
-            vs = tl.load(vs_ptrs, mask=live, other=0.0)
         else:
             k = tl.load(k_ptrs)
-            ks = tl.load(ks_ptrs)
             v = tl.load(v_ptrs)
-            vs = tl.load(vs_ptrs)
-        s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * ks[None, :]
+        if QK_INT8:
+            ks = tl.load(ks_ptrs, mask=live, other=0.0) if MASKED else tl.load(ks_ptrs)
+            s = tl.dot(q_op, tl.trans(k)).to(tl.float32) * q_scale[:, None] * ks[None, :]
+        else:
+            s = tl.dot(q_op, tl.trans(k)) * q_scale[:, None]
         if MASKED:
             s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        c = tl.maximum(tl.max(vs, axis=0), 1e-30) / 448.0
-        p8 = (p * (vs / c)[None, :]).to(tl.float8e4nv)
-        c_new = tl.zeros_like(m_i) + c  # a vector: the loop carries it with m_i and l_i
-        acc = acc * (alpha * (c_i / c_new))[:, None]
-        acc = tl.dot(p8, v, acc)
+        if PV_FP8:
+            vs = tl.load(vs_ptrs, mask=live, other=0.0) if MASKED else tl.load(vs_ptrs)
+            c = tl.maximum(tl.max(vs, axis=0), 1e-30) / 448.0
+            p_op = (p * (vs / c)[None, :]).to(tl.float8e4nv)
+            c_new = tl.zeros_like(m_i) + c  # a vector: the loop carries it with m_i and l_i
+            acc = acc * (alpha * (c_i / c_new))[:, None]
+        else:
+            p_op = p.to(v.dtype)
+            c_new = c_i
+            acc = acc * alpha[:, None]
+        acc = tl.dot(p_op, v, acc)
         return acc, m_new, l_i, c_new
 
     @triton.jit(do_not_specialize=["start", "length", "whole", "rows"])
     def _attention_kernel(
-        heads,  # (rows, 3, H, D) bf16: q read from here
+        heads,  # (rows, 3, H, D) bf16: q (and, where not quantized, k and v) read from here
         k8,  # (H, rows, D) int8
         k_scales,  # (H, rows) float32
         v8t,  # (H, D, padded) e4m3
@@ -146,30 +152,45 @@ if triton is not None:
         rows,
         v_start,  # its first column in v8t (a multiple of 16)
         padded,
-        qk_scale,  # softmax scale * log2(e)
         H: tl.constexpr,
         DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
+        QK_INT8: tl.constexpr = True,  # q @ k^T in int8 (else bf16: bench/levers.py compares)
+        PV_FP8: tl.constexpr = True,  # p @ v in e4m3 (else bf16)
     ):
         block, head = tl.program_id(0), tl.program_id(1)
         query = block * BLOCK_M + tl.arange(0, BLOCK_M)
         live = query < length
         row = (start + query).to(tl.int64)
         col = tl.arange(0, DIM)
-        q = tl.load(
-            heads + row[:, None] * (3 * H * DIM) + head * DIM + col[None, :], mask=live[:, None], other=0.0
-        )
-        q8, q_row = _int8_rows(q.to(tl.float32))
-        q_scale = q_row * qk_scale
-
+        stride: tl.constexpr = 3 * H * DIM
+        q = tl.load(heads + row[:, None] * stride + head * DIM + col[None, :], mask=live[:, None], other=0.0)
         key = tl.arange(0, BLOCK_N)
         k_head = head.to(tl.int64) * rows + start
-        v_head = head.to(tl.int64) * padded + v_start
-        k_ptrs = k8 + (k_head + key[:, None]) * DIM + col[None, :]
         ks_ptrs = k_scales + k_head + key
-        v_ptrs = v8t + (head.to(tl.int64) * DIM + col[None, :]) * padded + (v_start + key)[:, None]
-        vs_ptrs = v_scales + v_head + key
+        if QK_INT8:
+            q_op, q_row = _int8_rows(q.to(tl.float32))
+            q_scale = q_row * QK_SCALE
+            k_ptrs = k8 + (k_head + key[:, None]) * DIM + col[None, :]
+            k_step: tl.constexpr = BLOCK_N * DIM
+        else:
+            q_op = q
+            q_scale = tl.full((BLOCK_M,), QK_SCALE, tl.float32)
+            k_ptrs = (
+                heads + (start + key[:, None]).to(tl.int64) * stride + H * DIM + head * DIM + col[None, :]
+            )
+            k_step: tl.constexpr = BLOCK_N * stride
+        vs_ptrs = v_scales + head.to(tl.int64) * padded + v_start + key
+        if PV_FP8:
+            v_ptrs = v8t + (head.to(tl.int64) * DIM + col[None, :]) * padded + (v_start + key)[:, None]
+            v_step: tl.constexpr = BLOCK_N
+        else:
+            v_ptrs = (
+                heads + (start + key[:, None]).to(tl.int64) * stride + 2 * H * DIM + head * DIM + col[None, :]
+            )
+            v_step: tl.constexpr = BLOCK_N * stride
 
         acc = tl.zeros((BLOCK_M, DIM), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -177,16 +198,18 @@ if triton is not None:
         c_i = tl.full((BLOCK_M,), 1.0, tl.float32)
         for _ in range(0, whole, BLOCK_N):
             acc, m_i, l_i, c_i = _tile(
-                acc, m_i, l_i, c_i, q8, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key, length, False
-            )
-            k_ptrs += BLOCK_N * DIM
+                acc, m_i, l_i, c_i, q_op, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key, length,
+                False, QK_INT8, PV_FP8,
+            )  # fmt: skip
+            k_ptrs += k_step
             ks_ptrs += BLOCK_N
-            v_ptrs += BLOCK_N
+            v_ptrs += v_step
             vs_ptrs += BLOCK_N
         if whole < length:
             acc, m_i, l_i, c_i = _tile(
-                acc, m_i, l_i, c_i, q8, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key + whole, length, True
-            )
+                acc, m_i, l_i, c_i, q_op, q_scale, k_ptrs, ks_ptrs, v_ptrs, vs_ptrs, key + whole, length,
+                True, QK_INT8, PV_FP8,
+            )  # fmt: skip
         result = acc * (c_i / l_i)[:, None]
         dest = out + row[:, None] * (H * DIM) + head * DIM + col[None, :]
         tl.store(dest, result.to(out.dtype.element_ty), mask=live[:, None])
@@ -194,30 +217,44 @@ if triton is not None:
     def _padded(rows: int) -> int:
         return (rows + 15) // 16 * 16  # each segment's columns of v8t start 16-byte aligned
 
-    @torch.library.triton_op("chroma::attention_8bit", mutates_args={})
-    def _attention_op(heads: Tensor, lengths: list[int]) -> Tensor:
+    def quantize_kv(heads: Tensor, lengths: list[int]):
+        """k as int8 rows, v as e4m3 rows transposed, and their scales (``_kv_kernel``)."""
         rows, _, n_heads, dim = heads.shape
         padded = sum(_padded(length) for length in lengths)
         k8 = heads.new_empty((n_heads, rows, dim), dtype=torch.int8)
         k_scales = heads.new_empty((n_heads, rows), dtype=torch.float32)
         v8t = heads.new_empty((n_heads, dim, padded), dtype=torch.float8_e4m3fn)
         v_scales = heads.new_empty((n_heads, padded), dtype=torch.float32)
-        out = heads.new_empty((rows, n_heads * dim))
         start, v_start = 0, 0
         for length in lengths:
             torch.library.wrap_triton(_kv_kernel)[(triton.cdiv(length, KV_ROWS), n_heads)](
                 heads, k8, k_scales, v8t, v_scales, start, length, rows, v_start, padded,
                 H=n_heads, DIM=dim, BLOCK=KV_ROWS,
             )  # fmt: skip
+            start, v_start = start + length, v_start + _padded(length)
+        return k8, k_scales, v8t, v_scales
+
+    def attend(
+        heads: Tensor, lengths: list[int], k8, k_scales, v8t, v_scales, qk_int8=True, pv_fp8=True
+    ) -> Tensor:
+        """``_attention_kernel`` over each segment -> (rows, H * D)."""
+        rows, _, n_heads, dim = heads.shape
+        padded = v8t.shape[2]
+        out = heads.new_empty((rows, n_heads * dim))
+        start, v_start = 0, 0
+        for length in lengths:
             torch.library.wrap_triton(_attention_kernel)[(triton.cdiv(length, BLOCK_M), n_heads)](
                 heads, k8, k_scales, v8t, v_scales, out, start, length, length // BLOCK_N * BLOCK_N, rows,
-                v_start, padded, LOG2E / math.sqrt(dim),
-                H=n_heads, DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                v_start, padded,
+                H=n_heads, DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, QK_SCALE=LOG2E / math.sqrt(dim),
+                QK_INT8=qk_int8, PV_FP8=pv_fp8, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
             )  # fmt: skip
-            start = start + length
-            v_start = v_start + _padded(length)
+            start, v_start = start + length, v_start + _padded(length)
         return out
+
+    @torch.library.triton_op("chroma::attention_8bit", mutates_args={})
+    def _attention_op(heads: Tensor, lengths: list[int]) -> Tensor:
+        return attend(heads, lengths, *quantize_kv(heads, lengths))
 
 
 def available() -> bool:

@@ -6,8 +6,9 @@ own process (``test_kernels.py`` starts it) and print one JSON object of measure
 Two things Triton 3.6's interpreter does its own way are set right first (``mend_interpreter``):
 a loop over a runtime bound (``range(0, n, step)``) takes the bound with ``int()`` of a one-element
 array, which numpy 2.4 refuses; and its float-to-float conversions truncate to bf16 and can carry
-an e4m3 rounding into the wrong binade (128 written as 64), where the GPU rounds to nearest even.
-With ``exact_casts`` the conversions are torch's (round to nearest even, as the GPU's ``cvt.rn``).
+an e4m3 rounding into the wrong binade (128 written as 64), where the GPU rounds to nearest even,
+and it multiplies bf16 operands as their raw 16-bit patterns. With ``exact_casts`` the conversions
+are torch's (round to nearest even, as the GPU's ``cvt.rn``) and bf16 products widen first.
 """
 
 from __future__ import annotations
@@ -142,7 +143,15 @@ def mend_interpreter(exact_casts: bool) -> None:
             return convert(src, dst_type)
         return fp_to_fp(self, src, dst_type, rounding_mode)
 
+    dot = builder.create_dot
+
+    def bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):  # bf16 is held as uint16: widen first
+            a, b = (convert(x, tl.block_type(tl.float32, list(x.data.shape))) for x in (a, b))
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
     builder.cast_impl, builder.create_fp_to_fp = exact_cast, exact_fp_to_fp
+    builder.create_dot = bf16_dot
 
 
 @torch.inference_mode()

@@ -145,10 +145,9 @@ def test_8bit_attention_compiles_for_hopper(block_m, block_n, warps, stages):
         **tensors,
         "out": "*bf16",
         **dict.fromkeys(ints, "i32"),
-        "qk_scale": "fp32",
-        **dict.fromkeys(("H", "DIM", "BLOCK_M", "BLOCK_N"), "constexpr"),
+        **dict.fromkeys(("H", "DIM", "BLOCK_M", "BLOCK_N", "QK_SCALE"), "constexpr"),
     }
-    constants = {"H": 24, "DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    constants = {"H": 24, "DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "QK_SCALE": 0.1275}
     aligned = {
         (i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 10, 11)
     }  # pointers, v_start, padded
