@@ -145,9 +145,10 @@ def test_8bit_attention_compiles_for_hopper(block_m, block_n, warps, stages):
         **tensors,
         "out": "*bf16",
         **dict.fromkeys(ints, "i32"),
-        **dict.fromkeys(("H", "DIM", "BLOCK_M", "BLOCK_N", "QK_SCALE"), "constexpr"),
+        **dict.fromkeys(("H", "DIM", "BLOCK_M", "BLOCK_N", "QK_SCALE", "QK_INT8", "PV_FP8"), "constexpr"),
     }
     constants = {"H": 24, "DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "QK_SCALE": 0.1275}
+    constants.update(QK_INT8=True, PV_FP8=True)
     aligned = {
         (i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 10, 11)
     }  # pointers, v_start, padded
