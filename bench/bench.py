@@ -107,11 +107,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--kernels", default="auto", help="the Triton q/k/v kernels (worker.kernels): auto, on, off"
     )
-    ap.add_argument(
-        "--attention-8bit",
-        default="auto",
-        help="float8-fast's 8-bit attention (worker.attention8): auto, on, off",
-    )
     return ap.parse_args()
 
 
@@ -172,7 +167,6 @@ def main() -> int:
         compile=not args.no_compile,
         attention=attention,
         kernels=args.kernels,
-        attention_8bit=args.attention_8bit,
     )
     engine = Engine(config)
     seconds, _ = clock.time(engine.load)

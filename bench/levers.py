@@ -10,9 +10,9 @@ could win at most.
   two equal segments in one call; and whether this torch has a float8 attention that runs.
 - float8-fast's GELU rows kernel (``worker.kernels.gelu_rows_float8``) at both blocks' widths, per
   launch width (warps), against the same rows through the plain ops compiled by inductor.
-- float8-fast's 8-bit attention (``worker.attention8``) over both guidance segments of a step's
-  single block (4133 + 4098 rows of one token-major buffer), per launch shape, against cuDNN's
-  bf16 attention on the same buffer, with its relative difference from it.
+- An 8-bit attention kernel (``bench/attention8.py``) over both guidance segments of a step's
+  single block (4133 + 4098 rows of one token-major buffer), per launch shape and per product
+  type, against cuDNN's bf16 attention on the same buffer, with its relative difference from it.
 
     python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows,attention8]
 """
@@ -211,9 +211,9 @@ def compiled_stats(kernel) -> list:
 
 
 def attention8(device: torch.device) -> dict:
+    import attention8 as a8  # bench/attention8.py
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from worker import attention8 as a8
     from worker.attention import packed_attention
     from worker.kernels import as_heads
 

@@ -173,7 +173,6 @@ class Settings(BaseSettings):
     working_copy: Switch = Switch.AUTO
     kernels: Switch = Switch.AUTO
     attention: Attention = Attention.CUDNN
-    attention_8bit: Switch = Switch.AUTO  # float8-fast's int8/e4m3 attention (worker.attention8)
     negative_prompt: NegativePrompt = NegativePrompt.HONOR
     preview: bool = Field(False, description="requests render as ai-toolkit's training preview by default")
 

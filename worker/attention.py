@@ -103,17 +103,6 @@ def packed_joint_attention(
     return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
 
 
-def split_joint(out: Tensor, text_lengths: list, image_len) -> tuple[Tensor, Tensor]:
-    """Attention's output over ``[text_0, image_0, text_1, ...]`` (1, rows, H*D) -> text (1, T, H*D)
-    packed, image (segments, N, H*D)."""
-    txt_out, img_out, start = [], [], 0
-    for length in text_lengths:
-        txt_out.append(out[:, start : start + length])
-        img_out.append(out[:, start + length : start + length + image_len])
-        start = start + length + image_len
-    return torch.cat(txt_out, dim=1), torch.cat(img_out, dim=0)
-
-
 def join_streams(txt: Tensor, img: Tensor, pes: tuple[Tensor, ...]) -> Tensor:
     """Double-block streams -> the single-block stream ``[text_0, image_0, text_1, image_1, ...]``."""
     if len(pes) == 1:

@@ -27,12 +27,12 @@ def packed_rope(pes: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([pe.reshape(-1, *pe.shape[-3:]) for pe in pes])
 
 
-def run_double(block, img, txt, pes, img_mod, txt_mod, mask, tables=None, attention_8bit=False):
-    return block(img, txt, pes, img_mod, txt_mod, mask, tables, attention_8bit)
+def run_double(block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
+    return block(img, txt, pes, img_mod, txt_mod, mask, tables)
 
 
-def run_single(block, x, pes, mod, mask, tables=None, attention_8bit=False):
-    return block(x, pes, mod, mask, tables, attention_8bit)
+def run_single(block, x, pes, mod, mask, tables=None):
+    return block(x, pes, mod, mask, tables)
 
 
 class Blocks:
@@ -44,9 +44,7 @@ class Blocks:
     prompt length or resolution reuses the graph as well. ``attention`` picks the fused attention
     kernel (PyTorch's choice when "auto"); it is fixed when a graph is traced. ``kernels`` runs each
     block's q/k/v preparation as one Triton kernel (``worker.kernels``), with the tables it reads
-    made once per forward (``tables``); it needs Triton and a device it runs on. ``attention_8bit``
-    (float8-fast only) runs attention on that kernel's output with int8 and e4m3 products
-    (``worker.attention8``) wherever the q/k/v kernel runs. ``backend`` is
+    made once per forward (``tables``); it needs Triton and a device it runs on. ``backend`` is
     ``torch.compile``'s ("eager" traces the graphs without generating code: the CPU tests).
     """
 
@@ -55,13 +53,11 @@ class Blocks:
         compile: bool = False,
         attention: Attention = Attention.AUTO,
         kernels: bool = False,
-        attention_8bit: bool = False,
         backend: str = "inductor",
     ):
         self.compiled = compile
         self.attention = Attention(attention)
         self.kernels = kernels
-        self.attention_8bit = attention_8bit
         if compile:
             import torch.fx.experimental._config as fx_config
 
@@ -87,14 +83,12 @@ class Blocks:
     def double(self, block, img, txt, pes, img_mod, txt_mod, mask, tables=None):
         if self.compiled:
             _mark_tokens(img, txt, *pes, tables=tables)
-        eight = self.attention_8bit and tables is not None
-        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, tables, eight)
+        return self._double(block, img, txt, pes, img_mod, txt_mod, mask, tables)
 
     def single(self, block, x, pes, mod, mask, tables=None):
         if self.compiled:
             _mark_tokens(x, None, *pes, tables=tables)
-        eight = self.attention_8bit and tables is not None
-        return self._single(block, x, pes, mod, mask, tables, eight)
+        return self._single(block, x, pes, mod, mask, tables)
 
     def context(self):
         if self.attention is Attention.AUTO:

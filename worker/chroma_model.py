@@ -38,7 +38,6 @@ from worker.attention import (
     joint_attention,
     packed_attention,
     packed_joint_attention,
-    split_joint,
 )
 from worker.blocks import EAGER, Blocks, KernelTables
 from worker.rowwise import Float8RowwiseLinear, fuses_rows
@@ -268,7 +267,6 @@ class DoubleStreamBlock(nn.Module):
         txt_mod: Tensor,
         mask: Tensor | None,
         tables: KernelTables | None = None,
-        attention_8bit: bool = False,
     ) -> tuple[Tensor, Tensor]:
         # *_mod: (B, 6, dim) = shift1, scale1, gate1, shift2, scale2, gate2
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.split(1, dim=1)
@@ -298,14 +296,8 @@ class DoubleStreamBlock(nn.Module):
                 rope,
                 self.num_heads,
             )
-            if attention_8bit:  # float8-fast (worker.attention8)
-                from worker.attention8 import attention_8bit as attend
-
-                out = attend(heads, [length + image_len for length in lengths])
-                txt_attn, img_attn = split_joint(out.unsqueeze(0), lengths, image_len)
-            else:
-                q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
-                txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
+            q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
+            txt_attn, img_attn = packed_joint_attention(q, k, v, lengths, image_len)
         else:
             img_in = modulated_norm(img, i_shift1, i_scale1)
             img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_in), self.num_heads)
@@ -341,7 +333,6 @@ class SingleStreamBlock(nn.Module):
         mod: Tensor,
         mask: Tensor | None,
         tables: KernelTables | None = None,
-        attention_8bit: bool = False,
     ) -> Tensor:
         shift, scale, gate = mod.split(1, dim=1)
         dim = x.shape[-1]
@@ -359,13 +350,8 @@ class SingleStreamBlock(nn.Module):
                 tables[0],
                 self.num_heads,
             )
-            if attention_8bit:  # float8-fast (worker.attention8)
-                from worker.attention8 import attention_8bit as attend
-
-                attn = attend(heads, [pe.shape[2] for pe in pes]).unsqueeze(0)
-            else:
-                q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
-                attn = packed_attention(q, k, v, pes, None, rotated=True)
+            q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
+            attn = packed_attention(q, k, v, pes, None, rotated=True)
             if fuses_rows(self.linear2, x):  # float8-fast: the GELU and its quantization, one kernel
                 out = self.linear2.gelu_forward(
                     attn.reshape(rows, -1).contiguous(),

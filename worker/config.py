@@ -53,7 +53,6 @@ class EngineConfig:
     attention: Attention = Attention.CUDNN  # the SDPA kernel on CUDA
     working_copy: Switch = Switch.AUTO  # the active variant dequantized once (on with CUDA)
     kernels: Switch = Switch.AUTO  # Triton q/k/v kernels (worker.kernels), on with CUDA and Triton
-    attention_8bit: Switch = Switch.AUTO  # float8-fast's 8-bit attention (worker.attention8)
     negative_prompt: NegativePrompt = NegativePrompt.HONOR
     preview: bool = False  # what a request without "preview" gets: ai-toolkit's training preview
 
@@ -66,7 +65,6 @@ class EngineConfig:
             ("attention", Attention),
             ("working_copy", Switch),
             ("kernels", Switch),
-            ("attention_8bit", Switch),
             ("negative_prompt", NegativePrompt),
         ):
             value = getattr(self, name)
@@ -93,11 +91,10 @@ class Recipe:
     attention: Attention
     working_copy: bool = False
     kernels: bool = False
-    attention_8bit: bool = False  # float8-fast only: attention's products in int8 and e4m3
 
     def blocks(self) -> Blocks:
         """A block runner for this recipe (compiled graphs are traced on its first use)."""
-        return Blocks(self.compile, self.attention, self.kernels, self.attention_8bit)
+        return Blocks(self.compile, self.attention, self.kernels)
 
 
 def make_recipe(config: EngineConfig, device: torch.device) -> Recipe:
@@ -108,16 +105,6 @@ def make_recipe(config: EngineConfig, device: torch.device) -> Recipe:
             "kernels",
             f"'on' needs a CUDA device and Triton (it comes with CUDA builds of torch) and the device is "
             f"{device}; use 'auto' (on where they run) or 'off'",
-        )
-    kernels = config.kernels is Switch.ON or (
-        config.kernels is Switch.AUTO and cuda and dev.triton_available()
-    )
-    fast = config.quantization is Quantization.FLOAT8_FAST
-    if config.attention_8bit is Switch.ON and not (fast and kernels):
-        raise SettingsError(
-            "attention_8bit",
-            "'on' needs quantization 'float8-fast' with the kernels running (CUDA, Triton, "
-            "CHROMA_KERNELS not 'off'); use 'auto' (on where that holds) or 'off'",
         )
     padding = config.text_padding
     return Recipe(
@@ -130,6 +117,6 @@ def make_recipe(config: EngineConfig, device: torch.device) -> Recipe:
         # An unquantized model has nothing to dequantize.
         working_copy=config.quantization.is_float8
         and (config.working_copy is Switch.ON or (config.working_copy is Switch.AUTO and cuda)),
-        kernels=kernels,
-        attention_8bit=fast and kernels and config.attention_8bit is not Switch.OFF,
+        kernels=config.kernels is Switch.ON
+        or (config.kernels is Switch.AUTO and cuda and dev.triton_available()),
     )

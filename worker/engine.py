@@ -109,7 +109,6 @@ class Engine:
             raise SettingsError("dtype", FAST_DTYPE.format(str(self.dtype).removeprefix("torch.")))
         self.recipe = make_recipe(config, self.device)
         self.blocks = dataclasses.replace(self.recipe, compile=False).blocks()  # compiled in load()
-        self._plain_attention: Blocks | None = None  # previews' runner when attention is 8-bit
         self.loaded = False
         self.fingerprints: dict[str, str] = {}
         self.paths: dict[str, Path] = {}
@@ -356,8 +355,6 @@ class Engine:
         ``uncond`` defaults to ``unconditional(p)``."""
         recipe = recipe or self.recipe
         uncond = uncond or self.unconditional(p, variant.preview)
-        if variant.preview:  # the training sample's numerics: bf16 attention
-            recipe = dataclasses.replace(recipe, attention_8bit=False)
         blocks = self.blocks_for(recipe)
         latents = sampling.pack(sampling.initial_noise(p.seed, p.height, p.width, self.dtype, self.device))
         ids = sampling.image_ids(p.height, p.width, self.dtype, self.device)
@@ -412,10 +409,6 @@ class Engine:
         """Block runner for a recipe; the engine's own is made once in ``load()`` and kept."""
         if recipe == self.recipe:
             return self.blocks
-        if recipe == dataclasses.replace(self.recipe, attention_8bit=False):  # previews in float8-fast
-            if self._plain_attention is None:
-                self._plain_attention = recipe.blocks()
-            return self._plain_attention
         return recipe.blocks()
 
     def warmup(

@@ -142,37 +142,3 @@ def test_compiled_working_copy_with_the_kernels_on_cuda():
     torch._dynamo.reset()
     fused = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True))
     assert rel(fused, plain) < 2e-2
-
-
-@torch.inference_mode()
-def test_8bit_attention_on_cuda_is_its_reference():
-    """At full width (24 heads of 128), two segments of the full-size lengths: the kernel against its
-    torch reference (int8 products are exact, e4m3 ones summed in another order) and against cuDNN's
-    bf16 attention (random zero-mean values: a few percent)."""
-    from tests.unit.kernel_checks import exact_attention
-    from worker import attention8
-
-    gen = torch.Generator().manual_seed(2)
-    lengths = [4133, 4098]
-    heads = torch.randn(sum(lengths), 3, 24, 128, generator=gen).cuda().bfloat16()
-    got = attention8.attention_8bit(heads, lengths)
-    assert rel(got, attention8.reference(heads, lengths)) < 2e-3
-    assert rel(got, exact_attention(heads, lengths)) < 6e-2
-    assert rel(got, attention8.reference(heads, [sum(lengths)])) > 0.2  # the segments kept apart
-
-
-@torch.inference_mode()
-def test_float8_fast_with_8bit_attention_on_cuda(base):
-    """float8-fast's working copy with 8-bit attention against bf16 attention, eager and compiled."""
-    from tests.unit.kernel_checks import model_inputs
-    from worker.blocks import Blocks
-    from worker.variants import working_copy
-
-    _, _, args = model_inputs(torch.device("cuda"), torch.bfloat16)
-    copy = working_copy(base.build([], "float8-fast", torch.device("cuda")))
-    bf16 = copy.forward_batch(*args, blocks=Blocks(kernels=True))
-    eager = copy.forward_batch(*args, blocks=Blocks(kernels=True, attention_8bit=True))
-    assert torch.isfinite(eager).all() and 1e-4 < rel(eager, bf16) < 5e-2
-    torch._dynamo.reset()
-    compiled = copy.forward_batch(*args, blocks=Blocks(compile=True, kernels=True, attention_8bit=True))
-    assert rel(compiled, eager) < 2e-2

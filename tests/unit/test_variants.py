@@ -312,27 +312,6 @@ def test_kernels_setting_runs_them_only_where_they_can_run(tiny_sources, monkeyp
         recipe("cuda", "on")
 
 
-def test_8bit_attention_runs_only_in_float8_fast_with_the_kernels(tiny_sources, monkeypatch):
-    from worker import kernels
-    from worker.engine import make_recipe
-
-    def recipe(quantization: str, setting: str, kernels_setting: str = "auto") -> bool:
-        config = EngineConfig(
-            tiny_sources, quantization=quantization, attention_8bit=setting, kernels=kernels_setting
-        )
-        return make_recipe(config, torch.device("cuda")).attention_8bit  # nothing here touches a card
-
-    monkeypatch.setattr(kernels, "available", lambda: True)
-    assert recipe("float8-fast", "auto") and recipe("float8-fast", "on")
-    assert not recipe("float8-fast", "off") and not recipe("float8", "auto")
-    assert not recipe("float8-fast", "auto", kernels_setting="off")
-    for quantization, kernels_setting in (("float8", "auto"), ("float8-fast", "off")):
-        with pytest.raises(ValueError, match="CHROMA_ATTENTION_8BIT: 'on' needs quantization 'float8-fast'"):
-            recipe(quantization, "on", kernels_setting)
-    with pytest.raises(ValueError, match="CHROMA_ATTENTION_8BIT: 'maybe'; choose one of auto, on, off"):
-        recipe("float8-fast", "maybe")
-
-
 def test_out_of_memory_while_rendering_evicts_the_other_variants_and_retries_once(
     tiny_sources, lora_files, monkeypatch
 ):

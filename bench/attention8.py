@@ -1,33 +1,33 @@
-"""float8-fast's attention: both of attention's products in e4m3, on the q/k/v kernels' layout.
+"""An 8-bit attention kernel for float8-fast, measured as a speed lever and NOT adopted (its
+figures: bench/RESULTS.md, run Z; re-measure with ``python bench/levers.py --only attention8``).
 
-Attention is about a third of a float8-fast step at full size (bench/RESULTS.md: 45 of 146 ms),
-and its two products, ``q @ k^T`` and ``p @ v``, run in bf16 there. Hopper multiplies e4m3 at about
-twice that rate. PyTorch 2.11 sends float8 ``scaled_dot_product_attention`` only to FlashAttention
-3's own package, which does not install here, so this module carries its own kernel. It is used in
-float8-fast only (``CHROMA_QUANTIZATION=float8-fast``, where the q/k/v kernels run); the default
-path keeps bf16 attention.
+Why it was tried: attention is about a third of a float8-fast step at full size (45 of 146 ms),
+its two products run in bf16, and Hopper multiplies 8-bit types at about twice that rate. PyTorch
+2.11 sends float8 ``scaled_dot_product_attention`` only to FlashAttention 3's own package, which
+does not install here. Why it is not used: on an H200 this Triton kernel is slower than cuDNN's
+bf16 attention at every launch shape tried (1.44 ms at best for a step's two segments of a
+single block, against cuDNN's 0.74 ms, plus 0.22 ms to quantize k and v), because its 8-bit
+variants spill registers (12 to 300 spills a thread); the same kernel with bf16 products does not
+spill and reaches 0.89 ms, still behind cuDNN.
 
-Quantization, each chosen so that no scale needs a reduction across tokens (one pass, no atomics):
+What it computes, over the q/k/v kernels' output (rows, 3, heads, dim) with each guidance
+segment a contiguous row range that attends only within itself (one launch per segment):
 
-- q: per (token, head) row, in the attention kernel when its tile is loaded (the row's absolute
-  maximum over 448). The softmax scale and log2(e) multiply the row's scale, not the values.
-- k: per (token, head) row, in ``_kv_kernel``: e4m3 rows plus a float32 scale per row. A logit is
-  ``dot(q8, k8) * q_scale[row] * k_scale[column]``, in float32.
-- v: per (token, head) row too, written transposed (head, dim, tokens): Hopper's e4m3 products
-  read both operands along the reduced axis, which for ``p @ v`` is the tokens'.
-- p: v's row scales cannot leave ``p @ v`` as the others leave ``q @ k^T``, so each key tile's
-  probabilities take them in: ``p * v_scale[column] / c`` with ``c`` the tile's largest v scale over
-  448, rounded to e4m3 (so the largest product is at most 448), and the accumulator is kept in
-  units of ``c``: rescaling it by ``alpha * c_old / c_new`` is the online softmax's rescaling with
-  one more scalar. Probabilities are taken relative to the running row maximum (at most 1), as in
-  any online softmax, so those that matter stay in e4m3's normal range.
+- q @ k^T in int8 (``QK_INT8``): q and k rows (token, head) scaled by their absolute maximum over
+  127 and rounded half away from zero; a logit is ``dot(q8, k8) * q_scale[row] * k_scale[column]``
+  with the softmax scale and log2(e) folded into q's. int8 rather than e4m3: on random rows of
+  spread 3 the attention output moves 4.8% from exact against 11.8% with e4m3 (CPU, D=128).
+- p @ v in e4m3 (``PV_FP8``): v rows scaled by their maximum over 448 and written transposed
+  (head, dim, tokens), as Hopper's 8-bit products read both operands along the reduced axis. v's
+  row scales cannot leave the product, so each key tile's probabilities take them in:
+  ``p * v_scale[column] / c`` with ``c`` the tile's largest v scale over 448, and the accumulator
+  is kept in units of ``c`` (its online-softmax rescaling gains the scalar ``c_old / c_new``).
+- Either product can run in bf16 instead (the options above), which is how the levers bench
+  separates the products' cost from the quantization's.
 
-The row sum ``l`` adds the float32 probabilities; the output is ``acc * c / l`` rounded to bf16,
-token-major (rows, heads * dim), the layout the blocks' projections read. Segments (batched
-guidance) are contiguous row ranges that attend only within themselves: one launch each.
-
-The error against bf16 attention is measured per forward at full size (bench/RESULTS.md) and
-held to float8-fast's bound; ``reference`` is the same quantization in torch ops, for the tests.
+The row sum adds the float32 probabilities; the output is ``acc * c / l`` rounded to the input's
+dtype, token-major (rows, heads * dim). ``reference`` is the same arithmetic in torch ops in the
+kernel's tile order (the interpreter checks in tests/unit hold the kernel to it bit for bit).
 """
 
 from __future__ import annotations
@@ -40,18 +40,19 @@ from torch import Tensor
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 LOG2E = 1.4426950408889634
-# Launch shape (query rows x key rows per tile, warps, pipeline stages): see bench/levers.py.
-BLOCK_M = 128
-BLOCK_N = 128
-NUM_WARPS = 8
-NUM_STAGES = 3
+# Launch shape (query rows x key rows per tile, warps, pipeline stages): the fastest of those
+# bench/levers.py tried for both 8-bit products (run Z).
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
 # _kv_kernel: rows per program.
 KV_ROWS = 64
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the CPU-only install: float8-fast keeps bf16 attention
+except ImportError:  # the CPU-only install
     triton = None
 
 
@@ -262,11 +263,11 @@ def available() -> bool:
 
 
 def attention_8bit(heads: Tensor, lengths: list) -> Tensor:
-    """Attention in e4m3 over the q/k/v kernels' output: (rows, 3, H, D) bf16 with the segments'
-    row counts ``lengths`` (summing to rows) -> (rows, H * D) bf16, each segment attending only
-    within itself. The rows must already carry RoPE and the QK norm (``worker.kernels``)."""
+    """int8 ``q @ k^T`` and e4m3 ``p @ v`` over the q/k/v kernels' output: (rows, 3, H, D) with the
+    segments' row counts ``lengths`` (summing to rows) -> (rows, H * D), each segment attending
+    only within itself. The rows already carry RoPE and the QK norm (``worker.kernels``)."""
     assert heads.is_contiguous() and heads.shape[1] == 3
-    return _attention_op(heads, [int(n) if isinstance(n, int) else n for n in lengths])
+    return _attention_op(heads, list(lengths))
 
 
 def _rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
