@@ -258,10 +258,6 @@ if triton is not None:
         return attend(heads, lengths, *quantize_kv(heads, lengths))
 
 
-def available() -> bool:
-    return triton is not None
-
-
 def attention_8bit(heads: Tensor, lengths: list) -> Tensor:
     """int8 ``q @ k^T`` and e4m3 ``p @ v`` over the q/k/v kernels' output: (rows, 3, H, D) with the
     segments' row counts ``lengths`` (summing to rows) -> (rows, H * D), each segment attending
