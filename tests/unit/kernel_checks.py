@@ -3,12 +3,12 @@
 The interpreter is chosen when Triton is imported (``TRITON_INTERPRET=1``), so these run in their
 own process (``test_kernels.py`` starts it) and print one JSON object of measured differences.
 
-Two things Triton 3.6's interpreter does its own way are set right first (``mend_interpreter``):
+Where Triton 3.6's interpreter differs from the GPU or fails, it is set right first (``mend_interpreter``):
 a loop over a runtime bound (``range(0, n, step)``) takes the bound with ``int()`` of a one-element
 array, which numpy 2.4 refuses; and its float-to-float conversions truncate to bf16 and can carry
 an e4m3 rounding into the wrong binade (128 written as 64), where the GPU rounds to nearest even,
-and it multiplies bf16 operands as their raw 16-bit patterns. With ``exact_casts`` the conversions
-are torch's (round to nearest even, as the GPU's ``cvt.rn``) and bf16 products widen first.
+and it multiplies bf16 operands as their raw 16-bit patterns. Mended, the conversions are torch's
+(round to nearest even, as the GPU's ``cvt.rn``) and bf16 products widen first.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def model_inputs(device: torch.device, dtype: torch.dtype):
     return model, copy, (img, txts, pes, timestep, torch.zeros(1, device=device))
 
 
-def mend_interpreter(exact_casts: bool) -> None:
+def mend_interpreter() -> None:
     import numpy as np
     from triton import language as tl
     from triton.runtime import interpreter
@@ -114,8 +114,6 @@ def mend_interpreter(exact_casts: bool) -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched
-    if not exact_casts:
-        return
     floats = {
         tl.float32: torch.float32,
         tl.bfloat16: torch.bfloat16,
@@ -158,7 +156,7 @@ def mend_interpreter(exact_casts: bool) -> None:
 def main() -> dict:
     from worker import kernels
 
-    mend_interpreter(exact_casts=True)
+    mend_interpreter()
 
     out: dict = {"interpreter": os.environ.get("TRITON_INTERPRET") == "1", "available": kernels.available()}
     for dtype in (torch.float32, torch.bfloat16):
