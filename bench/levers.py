@@ -13,8 +13,11 @@ could win at most.
 - An 8-bit attention kernel (``bench/attention8.py``) over both guidance segments of a step's
   single block (4133 + 4098 rows of one token-major buffer), per launch shape and per product
   type, against cuDNN's bf16 attention on the same buffer, with its relative difference from it.
+- cuDNN's float8 attention (``bench/cudnn8.py``) over the same two segments: its time with and
+  without the quantization of q, k and v, the time to build a plan for a new segment length, and
+  its distance and bf16 cuDNN's from exact (float32) attention on rows of two spreads.
 
-    python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows,attention8]
+    python bench/levers.py --out $OUT [--only gemm,attention,gelu_rows,attention8,cudnn8]
 """
 
 from __future__ import annotations
@@ -263,6 +266,105 @@ def attention8(device: torch.device) -> dict:
     return out
 
 
+def cudnn8(device: torch.device) -> dict:
+    import time
+
+    import cudnn
+
+    lengths = [4133, 4098]
+    out: dict = {"cudnn backend": cudnn.backend_version(), "frontend": getattr(cudnn, "__version__", "?")}
+    for spread in (1.0, 2.0):  # logits of standard deviation spread^2 (q, k of that spread, d = 128)
+        out[f"spread {spread}"] = cudnn8_rows(device, lengths, spread)
+        print(spread, out[f"spread {spread}"], flush=True)
+    import cudnn8 as c8  # bench/cudnn8.py
+
+    t0 = time.perf_counter()
+    c8.plan(4140, HEADS, DIM, device)
+    out["plan for a new length s"] = round(time.perf_counter() - t0, 3)
+    print(out, flush=True)
+    return out
+
+
+def cudnn8_rows(device: torch.device, lengths: list, spread: float) -> dict:
+    import time
+
+    import cudnn8 as c8  # bench/cudnn8.py
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from worker.attention import packed_attention
+    from worker.kernels import as_heads
+
+    flop = sum(4 * n * n * DIM * HEADS for n in lengths)
+    pes = tuple(torch.empty(1, 1, n, 1, device=device) for n in lengths)  # only their lengths are read
+    torch.manual_seed(0)
+    heads = (torch.randn(sum(lengths), 3, HEADS, DIM, device=device) * spread).to(torch.bfloat16)
+    heads[:, 2] /= spread
+    q, k, v = as_heads(heads).unsqueeze(1).unbind(0)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        bf16 = packed_attention(q, k, v, pes, None, rotated=True)
+        bf16_ms = event_ms(lambda: packed_attention(q, k, v, pes, None, rotated=True), runs=20, repeats=3)
+    exact, start = [], 0
+    with sdpa_kernel([SDPBackend.MATH]):
+        for n in lengths:
+            o = F.scaled_dot_product_attention(
+                *as_heads(heads[start : start + n].float()).unsqueeze(1).unbind(0)
+            )
+            exact.append(o[0].permute(1, 0, 2).reshape(n, -1))
+            start += n
+    exact = torch.cat(exact)
+    bf16 = bf16.reshape(exact.shape)
+
+    t0 = time.perf_counter()
+    rows8, sq, sk, sv = c8.quantize_heads(heads)
+    got = c8.attend(rows8, lengths, sq, sk, sv)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    fp8_ms = event_ms(lambda: c8.attend(rows8, lengths, sq, sk, sv), runs=20, repeats=3)
+    quant_ms = event_ms(lambda: c8.quantize_heads(heads), runs=20, repeats=3)
+
+    # The kernel alone, no dequantization: q/k/v as the blocks hold them (one token-major buffer)
+    # and as three contiguous head-major tensors per segment.
+    inv_sv = 1.0 / sv
+    o8 = torch.empty(rows8.shape[0], HEADS, DIM, device=device, dtype=torch.float8_e4m3fn)
+    segments = [(0, lengths[0]), (lengths[0], lengths[1])]
+    token_major = [(rows8[s : s + n], o8[s : s + n], c8.plan(n, HEADS, DIM, device)) for s, n in segments]
+    head_major = [
+        (
+            rows8[s : s + n].permute(1, 2, 0, 3).contiguous(),  # (3, heads, n, dim)
+            torch.empty(HEADS, n, DIM, device=device, dtype=o8.dtype),
+            c8.plan(n, HEADS, DIM, device, head_major=True),
+        )
+        for s, n in segments
+    ]
+
+    def run(calls):
+        for r, o, plan in calls:
+            plan(r, sq, sk, sv, o, inv_sv)
+
+    token_ms = event_ms(lambda: run(token_major), runs=20, repeats=3)
+    head_ms = event_ms(lambda: run(head_major), runs=20, repeats=3)
+    o_round, o_scale = c8.quantize(exact)
+    return {
+        "cudnn bf16 ms": round(bf16_ms, 4),
+        "cudnn bf16 tflops": round(flop / bf16_ms / 1e9, 1),
+        "cudnn float8 ms (with the output's dequantization)": round(fp8_ms, 4),
+        "cudnn float8 kernel alone ms, token-major q/k/v": round(token_ms, 4),
+        "cudnn float8 kernel alone ms, head-major q/k/v": round(head_ms, 4),
+        "cudnn float8 kernel alone tflops (the faster layout)": round(flop / min(token_ms, head_ms) / 1e9, 1),
+        "q/k/v quantization ms (torch ops)": round(quant_ms, 4),
+        "first call s (two plans built)": round(first_s, 3),
+        "bf16 vs exact": round(rel(bf16, exact), 5),
+        "float8 vs exact": round(rel(got, exact), 5),
+        "float8 vs bf16": round(rel(got, bf16), 5),
+        "float8 written by the kernel alone, vs exact": round(
+            rel(o8.float() * sv.reshape(()), exact.view(o8.shape)), 5
+        ),
+        "exact with only its output rounded to e4m3 (one scale), vs exact": round(
+            rel(o_round.float() * o_scale.reshape(()), exact), 5
+        ),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -277,6 +379,7 @@ def main() -> int:
         "attention": lambda: attention(device, args.tokens),
         "gelu_rows": lambda: gelu_rows(device),
         "attention8": lambda: attention8(device),
+        "cudnn8": lambda: cudnn8(device),
     }
     for name in args.only.split(","):
         res[name] = sections[name]()
