@@ -145,8 +145,7 @@ class Engine:
             raise SettingsError("rope_axes", str(exc)) from exc
         t2 = time.perf_counter()
         pin = self.device.type == "cuda"
-        say("transformer: base weights kept in host memory" + (" (pinned as it goes)" if pin else ""))
-        # Page-locked in the background (BaseWeights): the worker serves before it is done.
+        say("transformer: base weights kept in host memory" + (" (pinned in the background)" if pin else ""))
         self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
         del state
         t3 = time.perf_counter()
@@ -158,6 +157,9 @@ class Engine:
         say(f"vae: {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
         t4 = time.perf_counter()
+        # Page-locked in the background from here (BaseWeights): the worker serves before it is
+        # done. Not earlier: while it runs, T5's copy to the card waits on it (bench/RESULTS.md).
+        self.base.start_pinning()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()

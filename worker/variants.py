@@ -70,11 +70,11 @@ class Variant:
 class BaseWeights:
     """The base transformer under original names, resident on the host in the compute dtype.
 
-    With ``pin``, each weight moves to page-locked memory in a background thread (``pinned`` is
-    set when all have), so a new variant's copies to the device run at full speed. Until then a
-    build reads the weights where they are (the checkpoint's mapped pages): the worker does not
-    wait for the 15-20 s that page-locking 17.8 GB takes before it serves. A weight is replaced
-    whole, under the GIL, so a build never sees half of one.
+    With ``pin``, ``start_pinning`` moves each weight to page-locked memory in a background thread
+    (``pinned`` is set when all have), so a new variant's copies to the device run at full speed.
+    Until then a build reads the weights where they are (the checkpoint's mapped pages): the worker
+    does not wait for the 15-20 s that page-locking 17.8 GB takes before it serves. A weight is
+    replaced whole, under the GIL, so a build never sees half of one.
     """
 
     def __init__(self, cfg: ChromaConfig, state: dict[str, Tensor], dtype: torch.dtype, pin: bool):
@@ -82,10 +82,16 @@ class BaseWeights:
         self.state = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
         self.pinned = threading.Event()
         self.pin_seconds = 0.0
+        self._pinning: threading.Thread | None = None
         if not pin:
             self.pinned.set()
+
+    def start_pinning(self) -> None:
+        """Page-lock the weights in a background thread (once; nothing to do without ``pin``)."""
+        if self.pinned.is_set() or self._pinning is not None:
             return
-        threading.Thread(target=self._pin_all, name="pin-base-weights", daemon=True).start()
+        self._pinning = threading.Thread(target=self._pin_all, name="pin-base-weights", daemon=True)
+        self._pinning.start()
 
     def _pin_all(self) -> None:
         start = time.perf_counter()

@@ -1,0 +1,118 @@
+"""Where a worker's load goes, and when the base weights are page-locked.
+
+Two host-side jobs overlap at a worker's start: page-locking the 17.8 GB of base weights (a
+background thread, ``BaseWeights.start_pinning``) and loading T5 and the VAE onto the card. Each
+run here is a fresh process, as a pool process starts: ``Engine.load``, the base variant, an eager
+warm-up render (1024x1024, 2 steps, guidance 4 and 1: work on the card while the page-locking may
+still run), then the wait until the weights are pinned. Orders:
+
+- ``pin-after``: the page-locking starts once T5 and the VAE are on the card (``Engine.load``);
+- ``pin-first``: it starts when the base weights are read, before T5 loads (the order before
+  bench/RESULTS.md run AB).
+
+Runs alternate between the orders. The components are written first when ``--work`` lacks them
+(bench/weights.py), so the files are in the page cache, as on a node that has read them before.
+
+    python bench/load_profile.py --work /tmp/chroma-bench --out $OUT [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+ORDERS = ("pin-first", "pin-after")
+
+
+def child(work: Path, order: str, scale: str) -> dict:
+    import torch
+    from weights import write_components  # bench/weights.py
+
+    from worker.engine import Engine, EngineConfig
+    from worker.variants import BaseWeights
+
+    if order == "pin-first":
+        made = BaseWeights.__init__
+
+        def pin_at_once(self, *args, **kwargs):
+            made(self, *args, **kwargs)
+            self.start_pinning()
+
+        BaseWeights.__init__ = pin_at_once
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sources = write_components(work, scale, device)
+    start = time.perf_counter()
+    engine = Engine(EngineConfig(sources, quantization="float8", compile=False))
+    engine.load()
+    loaded = time.perf_counter() - start
+    variant = engine.get_variant([])[0]
+    engine.warmup(((1024, 1024),) if scale == "full" else ((64, 64),))
+    ready = time.perf_counter() - start
+    engine.base.pinned.wait()
+    return {
+        "order": order,
+        "load_s": round(loaded, 2),
+        "load_parts_s": {k: round(v, 2) for k, v in engine.load_seconds.items()},
+        "variant_build_s": round(variant.build_seconds, 2),
+        "ready_s (load, variant, eager warm-up)": round(ready, 2),
+        "pin_s": round(engine.base.pin_seconds, 2),
+        "all_pinned_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/chroma-bench"))
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--runs", type=int, default=2, help="runs of each order")
+    ap.add_argument(
+        "--scale", default="full", help="bench/weights.py's scales: full, or tiny for a CPU check"
+    )
+    ap.add_argument("--child", choices=ORDERS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.work, args.child, args.scale)), flush=True)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "weights.py"), "--work", str(args.work), "--scale", args.scale]
+        + ([] if args.scale == "full" else ["--device", "cpu"]),
+        check=True,
+    )
+    res: dict = {"components_s": round(time.perf_counter() - start, 1), "runs": []}
+    for _ in range(args.runs):
+        for order in ORDERS:
+            done = subprocess.run(
+                [sys.executable, __file__, "--work", str(args.work), "--scale", args.scale, "--child", order],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            res["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            (args.out / "load_profile.json").write_text(json.dumps(res, indent=2))
+    for order in ORDERS:
+        runs = [r for r in res["runs"] if r["order"] == order]
+        res[order] = {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("load_s", "ready_s (load, variant, eager warm-up)", "pin_s", "all_pinned_s")
+        }
+        res[order]["text_vae_s"] = statistics.median(r["load_parts_s"]["text_vae"] for r in runs)
+        print(order, res[order], flush=True)
+    (args.out / "load_profile.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
