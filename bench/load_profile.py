@@ -6,9 +6,9 @@ run here is a fresh process, as a pool process starts: ``Engine.load``, the base
 warm-up render (1024x1024, 2 steps, guidance 4 and 1: work on the card while the page-locking may
 still run), then the wait until the weights are pinned. Orders:
 
-- ``pin-after``: the page-locking starts once T5 and the VAE are on the card (``Engine.load``);
-- ``pin-first``: it starts when the base weights are read, before T5 loads (the order before
-  bench/RESULTS.md run AB).
+- ``pin-first``: it starts when the base weights are read, before T5 loads (``Engine.load``'s
+  order);
+- ``pin-after``: it starts once ``Engine.load`` has returned (T5 and the VAE on the card).
 
 Runs alternate between the orders. The components are written first when ``--work`` lacks them
 (bench/weights.py), so the files are in the page cache, as on a node that has read them before.
@@ -40,19 +40,15 @@ def child(work: Path, order: str, scale: str) -> dict:
     from worker.engine import Engine, EngineConfig
     from worker.variants import BaseWeights
 
-    if order == "pin-first":
-        made = BaseWeights.__init__
-
-        def pin_at_once(self, *args, **kwargs):
-            made(self, *args, **kwargs)
-            self.start_pinning()
-
-        BaseWeights.__init__ = pin_at_once
+    start_pinning = BaseWeights.start_pinning
+    if order == "pin-after":
+        BaseWeights.start_pinning = lambda self: None  # Engine.load's call does nothing
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sources = write_components(work, scale, device)
     start = time.perf_counter()
     engine = Engine(EngineConfig(sources, quantization="float8", compile=False))
     engine.load()
+    start_pinning(engine.base)  # a second call does nothing (pin-first)
     loaded = time.perf_counter() - start
     variant = engine.get_variant([])[0]
     engine.warmup(((1024, 1024),) if scale == "full" else ((64, 64),))

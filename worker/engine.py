@@ -147,6 +147,10 @@ class Engine:
         pin = self.device.type == "cuda"
         say("transformer: base weights kept in host memory" + (" (pinned in the background)" if pin else ""))
         self.base = BaseWeights(cfg, state, self.dtype, pin=pin)
+        # Page-locked in the background from here: the worker serves before it is done. While it
+        # runs, T5's load waits on it, but starting it after T5 slows the first variant's build as
+        # much (bench/RESULTS.md run AB).
+        self.base.start_pinning()
         del state
         t3 = time.perf_counter()
         say(f"text encoder: {describe_size(paths['text_encoder'])} from {paths['text_encoder']}")
@@ -157,9 +161,6 @@ class Engine:
         say(f"vae: {describe_size(paths['vae'])} from {paths['vae']}")
         self.vae = load_vae(paths["vae"], self.dtype, self.device)
         t4 = time.perf_counter()
-        # Page-locked in the background from here (BaseWeights): the worker serves before it is
-        # done. Not earlier: while it runs, T5's copy to the card waits on it (bench/RESULTS.md).
-        self.base.start_pinning()
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()
