@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import threading
 import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,9 +19,10 @@ from tasks.settings import Quantization
 from tests import loras
 from worker import checkpoint, memory
 from worker.checkpoint import linear_map
+from worker.chroma_model import ChromaConfig
 from worker.engine import Engine, EngineConfig, LoraInput
 from worker.sources import Sources
-from worker.variants import DequantizedLinear, working_copy
+from worker.variants import BaseWeights, DequantizedLinear, working_copy
 
 PROMPT = ResolvedPrompt(0, "sks a photo of a person", "", 64, 64, 2, 4.0, 42)
 
@@ -137,6 +139,30 @@ def test_new_variant_is_built_without_reading_the_checkpoint(
     assert np.array_equal(got, pixels(reference, stack))
     assert all(torch.equal(engine.base.state[n], t) for n, t in base_before.items()), "base weights mutated"
     assert np.array_equal(pixels(engine, []), pixels(reference, []))
+
+
+def test_base_weights_are_page_locked_in_the_background_once_asked(monkeypatch):
+    threads = []
+
+    def pin_memory(tensor):
+        threads.append(threading.current_thread().name)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    state = {"a": torch.randn(3), "b": torch.randn(2, 2)}
+    base = BaseWeights(ChromaConfig(), state, torch.float32, pin=True)
+    assert not base.pinned.is_set() and threads == []  # Engine.load says when
+    base.start_pinning()
+    base.start_pinning()  # once
+    assert base.pinned.wait(10)
+    assert threads == ["pin-base-weights"] * 2
+    assert all(
+        base.state[name] is not state[name] and torch.equal(base.state[name], state[name]) for name in state
+    )
+
+    unpinned = BaseWeights(ChromaConfig(), state, torch.float32, pin=False)  # the CPU
+    unpinned.start_pinning()
+    assert unpinned.pinned.is_set() and len(threads) == 2
 
 
 def test_text_encoder_tokenizer_and_vae_are_shared_by_every_variant(engine_factory, lora_files):
