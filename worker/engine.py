@@ -164,12 +164,15 @@ class Engine:
         self._check_working_copy_fits()
         self.variants = VariantCache(self._variant_budget())
         self.blocks = self.recipe.blocks()
+        t5 = time.perf_counter()
         self.texts = TextEncoder(self.tokenizer, self.text_encoder, kept=TEXT_EMBEDDINGS_KEPT)
         self.load_seconds = {
             "resolve": t1 - t0,
             "weights_read": t2 - t1,
             "base_weights": t3 - t2,
             "text_vae": t4 - t3,
+            "blocks_setup": t5 - t4,
+            "first_encode": time.perf_counter() - t5,  # the empty prompt, kept for every request
         }
         self.loaded = True
         log.info(

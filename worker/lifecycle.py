@@ -62,8 +62,9 @@ def load_runtime(settings: Settings) -> Runtime:
     """Build the process's Runtime (engine loaded and warmed up, storage ready); once per process.
 
     Logs one ``chroma-startup {json}`` line with where the start went (seconds): resolve,
-    weights_read, base_weights, text_vae, variant_build, compile_warmup, total; with compiling on,
-    the compile counters and compile_cache (warm / cold / remote); and pinned_at_ready."""
+    weights_read, base_weights, text_vae, blocks_setup, first_encode, variant_build,
+    compile_warmup, total; with compiling on, the compile counters and compile_cache (warm / cold /
+    remote); and pinned_at_ready."""
     global _runtime
     with _lock:
         if _runtime is not None:
