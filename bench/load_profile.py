@@ -10,6 +10,11 @@ still run), then the wait until the weights are pinned. Orders:
   order);
 - ``pin-after``: it starts once ``Engine.load`` has returned (T5 and the VAE on the card).
 
+Then, in a fresh process with nothing else loading, T5 and the VAE step by step: the worker's
+way (``from_pretrained`` on the host, the copy to the card, ``quantize_float8``) and T5's files
+read straight onto the card into a model built on the meta device, with whether the two encode a
+prompt to the same bits.
+
 Runs alternate between the orders. The components are written first when ``--work`` lacks them
 (bench/weights.py), so the files are in the page cache, as on a node that has read them before.
 
@@ -65,6 +70,72 @@ def child(work: Path, order: str, scale: str) -> dict:
     }
 
 
+def direct_text_encoder(path: Path, dtype, device):
+    """T5 built on the meta device, its safetensors read onto ``device`` and assigned."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config.from_pretrained(str(path)))
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update({k: v.to(dtype) for k, v in load_file(str(file), device=str(device)).items()})
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # A tied weight the file leaves out shares its source (from_pretrained ties only those: the
+    # bench's random T5 holds different values under both names).
+    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if target in missing and source in state:
+            module, _, name = target.rpartition(".")
+            setattr(model.get_submodule(module), name, model.get_parameter(source))
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    return model.eval().requires_grad_(False), {"missing": missing, "unexpected": unexpected, "meta": meta}
+
+
+def text_vae_parts(work: Path, scale: str) -> dict:
+    import torch
+    from weights import PROMPT, write_components  # bench/weights.py
+
+    from worker.components import load_tokenizer, load_vae, quantize_float8
+    from worker.sampling import encode_text
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sources = write_components(work, scale, device)
+    path, dtype = Path(sources.text_encoder), torch.bfloat16
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out, t = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        sync()
+        out[name] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+
+    from transformers import T5EncoderModel
+
+    tokenizer = load_tokenizer(Path(sources.tokenizer))
+    lap("tokenizer")
+    model = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype)
+    lap("T5 from_pretrained on the host")
+    model = model.to(device).eval().requires_grad_(False)
+    lap("T5 to the card")
+    quantize_float8(model)
+    lap("T5 quantize_float8")
+    load_vae(Path(sources.vae), dtype, device)
+    lap("VAE")
+    want = encode_text(tokenizer, model, PROMPT).embeds
+    lap("first encode")
+    del model
+    direct, report = direct_text_encoder(path, dtype, device)
+    lap("T5 read onto the card (meta model, assigned)")
+    quantize_float8(direct)
+    lap("T5 quantize_float8 (read onto the card)")
+    got = encode_text(tokenizer, direct, PROMPT).embeds
+    out["same encoding, bit for bit"] = bool(torch.equal(got, want))
+    out["direct load"] = report
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/chroma-bench"))
@@ -73,8 +144,11 @@ def main() -> int:
     ap.add_argument(
         "--scale", default="full", help="bench/weights.py's scales: full, or tiny for a CPU check"
     )
-    ap.add_argument("--child", choices=ORDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*ORDERS, "text_vae"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "text_vae":
+        print(json.dumps(text_vae_parts(args.work, args.scale)), flush=True)
+        return 0
     if args.child:
         print(json.dumps(child(args.work, args.child, args.scale)), flush=True)
         return 0
@@ -98,13 +172,22 @@ def main() -> int:
             res["runs"].append(run)
             print(json.dumps(run), flush=True)
             (args.out / "load_profile.json").write_text(json.dumps(res, indent=2))
+    done = subprocess.run(
+        [sys.executable, __file__, "--work", str(args.work), "--scale", args.scale, "--child", "text_vae"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    res["text_vae_parts"] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(res["text_vae_parts"]), flush=True)
     for order in ORDERS:
         runs = [r for r in res["runs"] if r["order"] == order]
         res[order] = {
             key: statistics.median(r[key] for r in runs)
             for key in ("load_s", "ready_s (load, variant, eager warm-up)", "pin_s", "all_pinned_s")
         }
-        res[order]["text_vae_s"] = statistics.median(r["load_parts_s"]["text_vae"] for r in runs)
+        for part in ("text_vae", "blocks_setup", "first_encode"):
+            res[order][f"{part}_s"] = statistics.median(r["load_parts_s"][part] for r in runs)
         print(order, res[order], flush=True)
     (args.out / "load_profile.json").write_text(json.dumps(res, indent=2))
     return 0
