@@ -4,7 +4,8 @@ PyTorch routes float8 ``scaled_dot_product_attention`` only to FlashAttention 3'
 which does not install from the index; cuDNN's backend has a float8 SDPA forward for Hopper, which
 its frontend's Python graph API (``nvidia-cudnn-frontend``, a 2 MB wheel that loads the cuDNN torch
 already ships) reaches. On Hopper that forward takes q, k and v in e4m3 with one scale per tensor
-and writes its output in e4m3 too (bf16 output is Blackwell's only).
+and writes its output in e4m3 too: a plan asking for a bf16 output (``out_bf16``) was refused on an
+H200 with cuDNN 9.19 (bench/RESULTS.md run AA).
 
 What ``Float8Attention`` computes for one guidance segment (rows of the token-major
 ``(rows, 3, heads, dim)`` buffer the q/k/v kernels write, as e4m3 with the scales below):
@@ -42,7 +43,15 @@ class Float8Attention:
     heads, dim) e4m3 rows, the output written (tokens, heads, dim) e4m3; with ``head_major``, q, k
     and v are three contiguous (heads, tokens, dim) tensors and so is the output."""
 
-    def __init__(self, tokens: int, heads: int, dim: int, device: torch.device, head_major: bool = False):
+    def __init__(
+        self,
+        tokens: int,
+        heads: int,
+        dim: int,
+        device: torch.device,
+        head_major: bool = False,
+        out_bf16=False,
+    ):
         import cudnn
 
         self.cudnn = cudnn
@@ -72,7 +81,8 @@ class Float8Attention:
                 q=self.q, k=self.k, v=self.v, is_inference=True, attn_scale=1.0 / math.sqrt(dim),
                 use_causal_mask=False, name="sdpa", **args,
             )  # fmt: skip
-        o.set_output(True).set_dim(shape).set_stride(self.out_stride).set_data_type(e4m3)
+        o.set_output(True).set_dim(shape).set_stride(self.out_stride)
+        o.set_data_type(cudnn.data_type.BFLOAT16 if out_bf16 else e4m3)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
         self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
