@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -24,10 +25,16 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
-from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key_bytes
+from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key, lora_key_bytes
 from tasks.request_text import check_shape, field_path, one_line, parse_json, shown
 
 KNOWN_MODELS = ("chroma",)
+MAX_MULTIPLIER = 2.0
+LONE_SURROGATE = "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
+# Characters that draw nothing but are not Unicode whitespace or format characters: a prompt of
+# these and whitespace is as blank as an empty one.
+BLANK_GLYPHS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 SIZE_MULTIPLE = 32
 MIN_SIDE = 64
 MAX_SIDE = 4096  # the hard cap; CHROMA_MAX_SIDE may lower it
@@ -61,6 +68,7 @@ class Limits:
     max_request_bytes: int = 256 * 1024
     allowed_buckets: tuple[str, ...] = ()
     lora_prefix: str = ""  # counted in a LoRA key's length (S3 allows MAX_KEY_BYTES)
+    lora_bucket: str = ""  # where relative LoRA paths live: the same file named both ways is one LoRA
     preview: bool = False  # what a request without "preview" gets (CHROMA_PREVIEW): sizes snap to 16
 
 
@@ -70,6 +78,24 @@ def _positive_zero(value: float) -> float:
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_positive_zero)]
+
+
+def valid_unicode(value: str | None) -> str | None:
+    """``value`` unchanged; a lone surrogate (which JSON's ``\\ud800`` escapes can carry) refused."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(LONE_SURROGATE) from None
+    return value
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to see: whitespace, control and format characters (zero-width, bidirectional
+    marks), unassigned code points and the blank glyphs (braille blank, Hangul fillers) only."""
+    return all(
+        ch.isspace() or ch in BLANK_GLYPHS or unicodedata.category(ch) in INVISIBLE_CATEGORIES for ch in text
+    )
 
 
 def _nulls_mean_default(cls: type[BaseModel], data: Any) -> Any:
@@ -83,7 +109,7 @@ class LoraSpec(BaseModel):
     model_config = _STRICT
 
     path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
-    network_multiplier: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 1.0
+    network_multiplier: Annotated[Finite, Field(ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)] = 1.0
     # Accepted for reference compatibility; only meaningful for mixture-of-experts models.
     transformer: None = None
 
@@ -123,9 +149,11 @@ class PromptSpec(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt is blank; write the text to generate")
+        if is_blank(valid_unicode(value)):
+            raise ValueError("prompt is blank (nothing visible); write the text to generate")
         return value
+
+    _texts = field_validator("trigger_word", "neg")(classmethod(lambda cls, value: valid_unicode(value)))
 
 
 class GenerationRequest(BaseModel):
@@ -145,6 +173,7 @@ class GenerationRequest(BaseModel):
     match_target_res: None = None
 
     _nulls = model_validator(mode="before")(classmethod(_nulls_mean_default))
+    _texts = field_validator("trigger_word")(classmethod(lambda cls, value: valid_unicode(value)))
 
     @field_validator("model")
     @classmethod
@@ -287,9 +316,10 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 field=f"{where}.prompt",
             )
         text = effective_prompt(request, spec)  # now known to be short
-        if not text.strip():
+        if is_blank(text):
             raise InvalidRequest(
-                "prompt is blank after trigger-word substitution; give a trigger word with text",
+                "prompt is blank after trigger-word substitution (nothing visible); "
+                "give a trigger word with text",
                 field=f"{where}.prompt",
             )
         if spec.sample_steps > limits.max_steps:
@@ -305,6 +335,7 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 f"{width}x{height} is {width * height} pixels; the limit is {limits.max_pixels}",
                 field=f"{where}.width",
             )
+    seen: dict[tuple[str, str], int] = {}
     for i, lora in enumerate(request.loras):
         bucket = lora_bucket(lora.path)
         if bucket is not None and bucket not in limits.allowed_buckets:
@@ -321,6 +352,15 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 f"the object key is {size} bytes of UTF-8{prefix}; S3 allows {MAX_KEY_BYTES}; shorten it",
                 field=f"loras.{i}.path",
             )
+        # The same file twice would merge at the sum of its multipliers, past their limit.
+        where = (bucket or limits.lora_bucket, lora_key(lora.path, limits.lora_prefix))
+        if where in seen:
+            raise InvalidRequest(
+                f"the same LoRA as loras.{seen[where]}.path; list each LoRA once, with one "
+                f"network_multiplier (-{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g})",
+                field=f"loras.{i}.path",
+            )
+        seen[where] = i
 
 
 def _check_text_length(text: str | None, field: str, limits: Limits) -> None:
@@ -354,7 +394,7 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return "must be a finite number (NaN and infinity are not allowed)"
     if kind == "string_unicode":
-        return "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
+        return LONE_SURROGATE
     if kind == "value_error":
         return str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
     return f"{err['msg']} (got {shown(value)})"

@@ -78,9 +78,12 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+HOST_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
 def guard(device: torch.device, fn: Callable[[], T], release: Callable[[], object] | None = None) -> T:
-    """Run device work; map OOM to ``OutOfMemory`` (after ``release``, which frees cached memory
-    by default) and broken contexts to ``DeviceLost``."""
+    """Run device work; map OOM (the device's, or the host's on the CPU) to ``OutOfMemory`` (after
+    ``release``, which frees cached memory by default) and broken contexts to ``DeviceLost``."""
     try:
         return fn()
     except torch.OutOfMemoryError:
@@ -88,7 +91,8 @@ def guard(device: torch.device, fn: Callable[[], T], release: Callable[[], objec
     except RuntimeError as exc:
         if device.type == "cuda" and is_device_lost(exc):
             raise DeviceLost(f"CUDA context is unusable: {exc}") from exc
-        raise
+        if HOST_OUT_OF_MEMORY not in str(exc):  # the CPU's allocator raises a plain RuntimeError
+            raise
     release() if release is not None else release_memory(device)
     raise OutOfMemory("the request did not fit in device memory; use a smaller width/height or fewer LoRAs")
 

@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 from tasks.results import ImageResult
 from tasks.schemas import ResolvedPrompt
 
+JPEG_COMMENT_BYTES = 65533  # a JPEG segment's length field counts itself: 65535 - 2
 FORMATS = {
     "png": ("PNG", "image/png", "png"),
     "jpeg": ("JPEG", "image/jpeg", "jpg"),
@@ -38,19 +39,31 @@ def effective_parameters(p: ResolvedPrompt) -> dict[str, Any]:
 def encode_image(
     image: Image.Image, fmt: str, p: ResolvedPrompt, extra: dict[str, Any]
 ) -> tuple[bytes, str, str]:
-    """(bytes, content type, extension); PNGs carry the effective parameters in a text chunk."""
+    """(bytes, content type, extension). PNGs carry the effective parameters in a text chunk, JPEGs
+    in their comment where it fits (``jpeg_comment``); result.json always has them."""
     pil_format, content_type, ext = FORMATS[fmt]
     buffer = io.BytesIO()
-    params = json.dumps({**effective_parameters(p), **extra}, sort_keys=True)
+    parameters = {**effective_parameters(p), **extra}
     if pil_format == "PNG":
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", params)
+        info.add_text("parameters", json.dumps(parameters, sort_keys=True))
         image.save(buffer, format="PNG", pnginfo=info)
     elif pil_format == "JPEG":
-        image.save(buffer, format="JPEG", quality=95, comment=params.encode())
+        comment = jpeg_comment(parameters)
+        image.save(buffer, format="JPEG", quality=95, **({"comment": comment} if comment else {}))
     else:
         image.save(buffer, format="WEBP", quality=95)
     return buffer.getvalue(), content_type, ext
+
+
+def jpeg_comment(parameters: dict[str, Any]) -> bytes | None:
+    """The parameters as JSON for a JPEG comment segment (at most ``JPEG_COMMENT_BYTES``): ASCII,
+    else UTF-8 (non-ASCII text escaped takes up to 12 bytes a character), else none."""
+    for ascii_only in (True, False):
+        comment = json.dumps(parameters, sort_keys=True, ensure_ascii=ascii_only).encode()
+        if len(comment) <= JPEG_COMMENT_BYTES:
+            return comment
+    return None
 
 
 def image_entry(p: ResolvedPrompt, key: str, uri: str, data: bytes, content_type: str) -> ImageResult:

@@ -61,6 +61,17 @@ def test_out_of_memory_becomes_a_clear_request_error_after_releasing_memory(devi
     assert len(released) == 1
 
 
+def test_the_cpus_allocator_running_out_is_out_of_memory_too():
+    # The CPU allocator raises a plain RuntimeError (a 4096x4096 render's masked attention on the
+    # CPU asks for 17 GB): a request error, like the card's, not a traceback.
+    released: list = []
+    with pytest.raises(OutOfMemory) as failed:
+        guard_on(CPU, lambda: torch.empty(2**62, dtype=torch.uint8), released)
+    assert failed.value.code == "out_of_memory" and len(released) == 1
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        guard_on(CPU, lambda: torch.ones(2, 3) @ torch.ones(2, 3))
+
+
 def test_out_of_memory_frees_what_the_failed_work_held_before_releasing():
     held: list[weakref.ref] = []
     alive_at_release: list[bool] = []

@@ -109,3 +109,27 @@ def test_deeply_nested_safetensors_header_is_invalid_lora(tmp_path):
     with pytest.raises(InvalidLora) as err:
         validate_safetensors_header(path, field="loras.0.path")
     assert err.value.field == "loras.0.path"
+
+
+@pytest.mark.parametrize("chars, kept", [(1, "ascii"), (4000, "utf-8"), (20_000, None)])
+def test_a_jpeg_carries_its_parameters_where_its_comment_can_hold_them(chars, kept):
+    # A JPEG comment holds 65533 bytes; 4000 emoji escaped for ASCII JSON take 48,000 of them.
+    import io
+
+    from PIL import Image
+
+    from tasks.schemas import ResolvedPrompt
+    from worker.results import effective_parameters, encode_image
+
+    prompt = ResolvedPrompt(
+        0, "\N{GRINNING FACE}" * chars, "\N{GRINNING FACE}" * min(chars, 4000), 8, 8, 1, 4.0, 7
+    )
+    data, content_type, ext = encode_image(Image.new("RGB", (8, 8)), "jpeg", prompt, {"model": "chroma"})
+    image = Image.open(io.BytesIO(data))
+    assert (content_type, ext, image.format, image.size) == ("image/jpeg", "jpg", "JPEG", (8, 8))
+    comment = image.info.get("comment")
+    if kept is None:
+        assert comment is None  # result.json still has them
+        return
+    assert comment.isascii() == (kept == "ascii")
+    assert json.loads(comment.decode()) == {**effective_parameters(prompt), "model": "chroma"}

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "data" / "requests"
 GOOD = sorted((CORPUS / "good").glob("*.json"))
 BAD = sorted((CORPUS / "bad").glob("*.json"))
-LIMITS = Limits(allowed_buckets=("loras",))
+LIMITS = Limits(allowed_buckets=("loras",), lora_bucket="loras")
 CLI_SAMPLE = [
     "width_string",
     "guidance_nan",
