@@ -61,17 +61,39 @@ def check_lora_path_shape(path: str) -> None:
     if _SCHEME.match(path):
         match = S3_URI.match(path)
         if not match:
-            raise ValueError(
-                "LoRA path must be a key relative to the LoRA prefix or s3://bucket/key; "
-                "other URL schemes are not fetched"
-            )
+            raise ValueError(_unfetched_url(path))
         key = match.group("key")
+        if key.startswith("/"):
+            raise ValueError("LoRA path has '//' after its bucket; write s3://bucket/key with one '/'")
     if key.startswith("/"):
         raise ValueError("LoRA path is absolute; give a key relative to the LoRA prefix")
     if has_bad_segment(key):
         raise ValueError("LoRA path has an empty, '.' or '..' segment; give a plain key without traversal")
     if not key.endswith(LORA_SUFFIX):
         raise ValueError("LoRA path must name a .safetensors file (nothing pickled is loaded)")
+
+
+def _unfetched_url(path: str) -> str:
+    """Why a URL-shaped LoRA path is not an ``s3://bucket/key`` this worker reads."""
+    scheme, _, rest = path.partition("://")
+    if scheme.lower() == "s3":
+        if scheme != "s3":
+            return "LoRA path's scheme must be written 's3://' (lowercase), like s3://bucket/job/lora.safetensors"
+        bucket, _, key = rest.partition("/")
+        if not key:
+            return "LoRA path names a bucket but no key; give s3://bucket/job/lora.safetensors"
+        return (
+            f"LoRA path's bucket {_shown_bucket(bucket)} is not a bucket name (3-63 lowercase letters, "
+            "digits, '.' and '-'); give s3://bucket/key"
+        )
+    return (
+        "LoRA path must be a key relative to the LoRA prefix or s3://bucket/key; "
+        "other URL schemes are not fetched"
+    )
+
+
+def _shown_bucket(bucket: str) -> str:
+    return repr(bucket[:70] + ("..." if len(bucket) > 70 else ""))
 
 
 def first_refused_character(text: str) -> tuple[int, str] | None:

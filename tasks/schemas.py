@@ -353,7 +353,7 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 field=f"loras.{i}.path",
             )
         # The same file twice would merge at the sum of its multipliers, past their limit.
-        where = (bucket or limits.lora_bucket, lora_key(lora.path, limits.lora_prefix))
+        where = _lora_identity(lora.path, bucket, limits)
         if where in seen:
             raise InvalidRequest(
                 f"the same LoRA as loras.{seen[where]}.path; list each LoRA once, with one "
@@ -361,6 +361,15 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 field=f"loras.{i}.path",
             )
         seen[where] = i
+
+
+def _lora_identity(path: str, bucket: str | None, limits: Limits) -> tuple[str, str]:
+    """(bucket, key) a LoRA path reads, for telling two paths of one file apart; a prefix the worker
+    would refuse is left to it (``storage.keys.lora_location`` names it)."""
+    if bucket is not None:
+        return bucket, lora_key(path, "")
+    prefix = limits.lora_prefix.strip("/")
+    return limits.lora_bucket, f"{prefix}/{path}" if prefix else path
 
 
 def _check_text_length(text: str | None, field: str, limits: Limits) -> None:

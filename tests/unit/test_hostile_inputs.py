@@ -170,6 +170,22 @@ def test_lora_path_keeps_ordinary_unicode() -> None:
         validate_request(with_lora(path))
 
 
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("s3://loras", "names a bucket but no key"),
+        ("s3://loras/", "names a bucket but no key"),
+        ("S3://loras/a.safetensors", "'s3://' (lowercase)"),
+        ("s3://LORAS/a.safetensors", "'LORAS' is not a bucket name"),
+        ("s3://loras//a.safetensors", "'//' after its bucket"),
+        ("https://example.com/a.safetensors", "other URL schemes are not fetched"),
+    ],
+)
+def test_a_lora_url_that_is_not_s3_bucket_key_says_what_is_wrong(path: str, words: str) -> None:
+    error = refused(with_lora(path), Limits(allowed_buckets=("loras",)))
+    assert error.field == "loras.0.path" and words in error.message
+
+
 def test_a_lone_surrogate_from_a_json_escape_names_its_field() -> None:
     error = refused('{"model": "chroma", "prompts": [{"prompt": "a\\ud800"}]}')
     assert error.field == "prompts.0.prompt" and "lone surrogate" in error.message
