@@ -30,6 +30,7 @@ from tasks.request_text import check_shape, field_path, one_line, parse_json, sh
 
 KNOWN_MODELS = ("chroma",)
 MAX_MULTIPLIER = 2.0
+ITEM_EXAMPLES = {"PromptSpec": '{"prompt": "a photo"}', "LoraSpec": '{"path": "job/lora.safetensors"}'}
 LONE_SURROGATE = "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
 # Characters that draw nothing but are not Unicode whitespace or format characters: a prompt of
 # these and whitespace is as blank as an empty one.
@@ -404,6 +405,9 @@ def _describe(err: ErrorDetails) -> str:
         return "must be a finite number (NaN and infinity are not allowed)"
     if kind == "string_unicode":
         return LONE_SURROGATE
+    if kind == "model_type":  # a list item that is not an object
+        example = ITEM_EXAMPLES.get(err.get("ctx", {}).get("class_name"), "{...}")
+        return f"must be a JSON object like {example}, got {_kind(value)}"
     if kind == "value_error":
         return str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
     return f"{err['msg']} (got {shown(value)})"

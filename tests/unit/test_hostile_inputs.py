@@ -186,6 +186,19 @@ def test_a_lora_url_that_is_not_s3_bucket_key_says_what_is_wrong(path: str, word
     assert error.field == "loras.0.path" and words in error.message
 
 
+@pytest.mark.parametrize(
+    "data, field, words",
+    [
+        ({"model": "chroma", "prompts": ["a photo"]}, "prompts.0", '{"prompt": "a photo"}, got a string'),
+        ({"model": "chroma", "prompts": [None]}, "prompts.0", '{"prompt": "a photo"}, got null'),
+        ({**request(), "loras": ["x.safetensors"]}, "loras.0", '{"path": "job/lora.safetensors"}'),
+    ],
+)
+def test_a_list_item_that_is_not_an_object_shows_what_one_looks_like(data, field, words) -> None:
+    error = refused(data)
+    assert error.field == field and words in error.message and "Spec" not in error.message
+
+
 def test_a_lone_surrogate_from_a_json_escape_names_its_field() -> None:
     error = refused('{"model": "chroma", "prompts": [{"prompt": "a\\ud800"}]}')
     assert error.field == "prompts.0.prompt" and "lone surrogate" in error.message
