@@ -46,6 +46,10 @@ from tasks.errors import InvalidLora
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the safetensors library's own bound
+# Names in a header (tensors, their fields, metadata items), all objects together. A LoRA for every
+# Chroma layer holds about 1,700 tensors (7,000 names) and a few hundred metadata items; a header of
+# a million zero-size tensors takes half a minute and gigabytes to read.
+MAX_HEADER_NAMES = 200_000
 CHUNK_BYTES = 1 << 20
 STALE_DOWNLOAD_SECONDS = 3600.0
 BLOB_SUFFIX = ".safetensors"
@@ -346,8 +350,23 @@ def validate_safetensors_header(
             raise InvalidLora(_bad_length_message(prefix, header_len, file_size), field=field)
         raw = handle.read(header_len)
 
+    names = 0
+
+    def counted(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal names
+        names += len(pairs)
+        if names > MAX_HEADER_NAMES:
+            raise _TooManyNames
+        return _no_duplicate_keys(pairs)
+
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=counted)
+    except _TooManyNames:
+        raise InvalidLora(
+            f"safetensors header holds more than {MAX_HEADER_NAMES} names (tensors, their fields and "
+            f"metadata items); a LoRA holds a few thousand; {_HOW_TO_FIX}",
+            field=field,
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidLora(
             f"safetensors header is not valid JSON ({exc}); {_HOW_TO_FIX}", field=field
@@ -372,7 +391,7 @@ def validate_safetensors_header(
     for begin, end, name in spans:
         if begin != position:
             raise InvalidLora(
-                f"tensor {name!r} starts at data byte {begin}, expected {position} "
+                f"tensor {_name(name)} starts at data byte {begin}, expected {position} "
                 "(overlapping or missing data): the file is corrupt",
                 field=field,
             )
@@ -391,15 +410,15 @@ def _tensor_span(name: str, entry: Any, field: str | None) -> tuple[int, int, st
     """(begin, end, name) of one header entry after checking dtype, shape and byte length."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InvalidLora(
-            f"tensor {name!r} header entry must have exactly dtype, shape and data_offsets", field=field
+            f"tensor {_name(name)} header entry must have exactly dtype, shape and data_offsets", field=field
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_BITS:
-        raise InvalidLora(f"tensor {name!r} has unknown dtype {dtype!r}", field=field)
+        raise InvalidLora(f"tensor {_name(name)} has unknown dtype {_name(str(dtype))}", field=field)
     if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-        raise InvalidLora(f"tensor {name!r} shape must be a list of non-negative integers", field=field)
+        raise InvalidLora(f"tensor {_name(name)} shape must be a list of non-negative integers", field=field)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise InvalidLora(f"tensor {name!r} data_offsets must be [begin, end] integers", field=field)
+        raise InvalidLora(f"tensor {_name(name)} data_offsets must be [begin, end] integers", field=field)
     begin, end = offsets
     numel = 1
     for dim in shape:
@@ -407,7 +426,7 @@ def _tensor_span(name: str, entry: Any, field: str | None) -> tuple[int, int, st
     bits = numel * DTYPE_BITS[dtype]
     if end < begin or bits % 8 or end - begin != bits // 8:
         raise InvalidLora(
-            f"tensor {name!r} spans bytes {begin}..{end} but {dtype} {shape} needs {bits / 8:g} bytes: "
+            f"tensor {_name(name)} spans bytes {begin}..{end} but {dtype} {shape} needs {bits / 8:g} bytes: "
             "the file is corrupt",
             field=field,
         )
@@ -425,13 +444,22 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class _TooManyNames(Exception):
+    pass
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in pairs:
         if name in out:
-            raise ValueError(f"duplicate key {name!r}")
+            raise ValueError(f"duplicate key {_name(name)}")
         out[name] = value
     return out
+
+
+def _name(text: str, limit: int = 120) -> str:
+    """A name from the file, quoted and cut short: messages stay one short line whatever it holds."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _bad_length_message(prefix: bytes, header_len: int, file_size: int) -> str:

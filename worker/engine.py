@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tasks.errors import InvalidRequest, OutOfMemory
+from tasks.errors import InvalidLora, InvalidRequest, OutOfMemory
 from tasks.results import Progress
 from tasks.schemas import ResolvedPrompt, snap_size
 from tasks.settings import FAST_DTYPE, NegativePrompt, Quantization, SettingsError, Switch
@@ -114,6 +114,7 @@ class Engine:
         self.paths: dict[str, Path] = {}
         self.load_seconds: dict[str, float] = {}
         self._parsed: dict[str, ParsedLora] = {}  # LoRA sha256 -> parsed file (a few, most recent)
+        self._refused: dict[str, str] = {}  # LoRA sha256 -> why parsing refused it (a few, most recent)
         self._working = ActiveCopy()  # the working copy of the variant being rendered
         self.previews = preview.PreviewParts(self.device, self.dtype, TEXT_EMBEDDINGS_KEPT)
 
@@ -261,14 +262,23 @@ class Engine:
         return texts
 
     def parse_loras(self, loras: list[LoraInput]) -> list[tuple[ParsedLora, float]]:
-        """Parsed files by content hash: a new multiplier for a known LoRA reads nothing again."""
+        """Parsed files by content hash: a new multiplier for a known LoRA reads nothing again, and a
+        file refused once is refused again at once (a crafted one can take seconds to read)."""
         out = []
         for lora in loras:
-            parsed = self._parsed.pop(lora.sha256, None) or parse_lora(lora.path, self.cfg, field=lora.field)
+            if lora.sha256 in self._refused:
+                raise InvalidLora(self._refused[lora.sha256], field=lora.field)
+            try:
+                parsed = self._parsed.pop(lora.sha256, None) or parse_lora(
+                    lora.path, self.cfg, field=lora.field
+                )
+            except InvalidLora as exc:
+                self._refused[lora.sha256] = exc.message
+                _keep_newest(self._refused, PARSED_LORAS_KEPT * 4)
+                raise
             self._parsed[lora.sha256] = parsed
             out.append((parsed, lora.multiplier))
-        while len(self._parsed) > PARSED_LORAS_KEPT:
-            self._parsed.pop(next(iter(self._parsed)))
+        _keep_newest(self._parsed, PARSED_LORAS_KEPT)
         return out
 
     # -- generation --------------------------------------------------------------------------
@@ -342,7 +352,7 @@ class Engine:
         latents = self.denoise(variant, p, cond, on_step, uncond=uncond)
         dev.sync(self.device)
         t2 = time.perf_counter()
-        sampling.check_finite(latents, "latents", p.index)
+        sampling.check_finite(latents, "latents", p.index, limit=sampling.MAX_LATENT)
         with self._autocast(variant):
             image = sampling.decode(self.vae, latents, p.height, p.width, p.index)
         t3 = time.perf_counter()
@@ -469,3 +479,9 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         working = self._working_bytes() if self.recipe.working_copy else 0
         return memory.variant_budget(free, total, working, self._variant_bytes())
+
+
+def _keep_newest(entries: dict, count: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict down to ``count``."""
+    while len(entries) > count:
+        entries.pop(next(iter(entries)))

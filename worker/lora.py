@@ -49,6 +49,9 @@ _OTHER_ADAPTERS = re.compile(
 )
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder|lora_te_)")
 # What a LoRA matrix may hold: float8/float4 or complex tensors cannot be checked or multiplied.
+# A LoRA's change to a layer, as a multiple of the layer's own weights (Frobenius norms): trained
+# LoRAs change them by a fraction; a hundred times is an alpha or values gone wrong.
+MAX_DELTA_RATIO = 100.0
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ALPHA_DTYPES = _WEIGHT_DTYPES + (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -124,7 +127,9 @@ def parse_lora(path: Path, cfg: ChromaConfig, *, field: str = "lora") -> ParsedL
             continue
         slot = groups.setdefault(module, {})
         if kind in slot:
-            raise InvalidLora(f"keys {slot[kind]!r} and {key!r} name the same weight", field=field)
+            raise InvalidLora(
+                f"keys {_shown(slot[kind])} and {_shown(key)} name the same weight", field=field
+            )
         slot[kind] = key
     if not groups:
         raise InvalidLora(
@@ -149,11 +154,12 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
 
     The order of operations is the reference's, in the weight dtype: ``delta = B @ A``, then
     ``W + delta * (alpha / rank * multiplier)``; float32 weights give the exact sum. A merge whose
-    result is not finite (factors or an alpha that overflow the weight dtype) is an ``InvalidLora``
-    naming the keys: such weights would render a black image. The check costs one device sync per
-    call, not one per layer.
+    result is not finite (factors or an alpha that overflow the weight dtype), or whose change is
+    more than ``MAX_DELTA_RATIO`` times the rows it changes (finite, yet the model would render
+    one flat image whatever the prompt), is an ``InvalidLora`` naming the keys. The checks cost
+    one device sync per call, not one per layer.
     """
-    merged: list[tuple[Tensor, LoraLayer, ParsedLora, float]] = []
+    merged: list[tuple[Tensor, Tensor, LoraLayer, ParsedLora, float]] = []
     for parsed, multiplier in loras:
         if multiplier == 0:  # exactly the base weights, even where a delta would overflow the dtype
             continue
@@ -162,20 +168,35 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
             rows = weight[layer.start : layer.stop]
             up = layer.up.to(rows.device, rows.dtype)
             down = layer.down.to(rows.device, rows.dtype)
-            rows.copy_(rows + (up @ down) * (layer.scale * multiplier))
-            merged.append((torch.isfinite(rows).all(), layer, parsed, multiplier))
+            base = torch.linalg.vector_norm(rows, dtype=torch.float32)
+            delta = (up @ down) * (layer.scale * multiplier)
+            rows.copy_(rows + delta)
+            ratio = torch.linalg.vector_norm(delta, dtype=torch.float32) / base
+            merged.append((torch.isfinite(rows).all(), ratio, layer, parsed, multiplier))
     if not merged:
         return
     finite = torch.stack([ok for ok, *_ in merged]).cpu()
-    if bool(finite.all()):
-        return
-    _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
-    raise InvalidLora(
-        f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} gives NaN or infinite weights "
-        f"in {layer.target!r}: its values (or its alpha) are far outside a LoRA's usual scale; "
-        "re-export the LoRA or lower network_multiplier",
-        field=parsed.field,
-    )
+    ratios = torch.stack([ratio for _, ratio, *_ in merged]).cpu()
+    if not bool(finite.all()):
+        _, _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
+        raise InvalidLora(
+            f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} gives NaN or infinite "
+            f"weights in {_shown(layer.target)}: its values (or its alpha) are far outside a LoRA's usual "
+            "scale; re-export the LoRA or lower network_multiplier",
+            field=parsed.field,
+        )
+    too_big = ~(ratios <= MAX_DELTA_RATIO)  # a NaN ratio (all-zero rows changed) counts as too big
+    if bool(too_big.any()):
+        index = int(too_big.nonzero()[0])
+        _, _, layer, parsed, multiplier = merged[index]
+        raise InvalidLora(
+            f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} changes "
+            f"{_shown(layer.target)} by {float(ratios[index]):.3g} times its own weights (a LoRA changes "
+            f"them by a fraction; more than {MAX_DELTA_RATIO:g} times renders one flat image whatever the "
+            "prompt): its values (or its alpha) are far outside a LoRA's usual scale; re-export the LoRA "
+            "or lower network_multiplier",
+            field=parsed.field,
+        )
 
 
 def _read(path: Path, field: str) -> dict[str, Tensor]:
@@ -184,7 +205,8 @@ def _read(path: Path, field: str) -> dict[str, Tensor]:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidLora(
-            f"not a readable safetensors file ({exc}); upload the .safetensors file", field=field
+            f"not a readable safetensors file ({_shown(str(exc), 300)}); upload the .safetensors file",
+            field=field,
         ) from exc
 
 
@@ -210,21 +232,23 @@ def _layer(
     module: str, keys: dict[str, str], tensors: dict[str, Tensor], block: RowBlock, field: str
 ) -> LoraLayer:
     if "down" not in keys or "up" not in keys:
-        have = ", ".join(sorted(keys.values()))
+        have = _few(sorted(keys.values()))
         missing = "down (lora_A)" if "down" not in keys else "up (lora_B)"
-        raise InvalidLora(f"layer {module!r} lacks its {missing} matrix (has {have})", field=field)
+        raise InvalidLora(f"layer {_shown(module)} lacks its {missing} matrix (has {have})", field=field)
     down, up = tensors[keys["down"]], tensors[keys["up"]]
     names = tuple(sorted(keys.values()))
     for key in names:
         t = tensors[key]
         if t.dtype not in (_ALPHA_DTYPES if key == keys.get("alpha") else _WEIGHT_DTYPES):
             raise InvalidLora(
-                f"key {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
+                f"key {_shown(key)} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
                 "float16, bfloat16 or float32",
                 field=field,
             )
         if not torch.isfinite(t).all():
-            raise InvalidLora(f"key {key!r} holds NaN or infinite values; the file is corrupt", field=field)
+            raise InvalidLora(
+                f"key {_shown(key)} holds NaN or infinite values; the file is corrupt", field=field
+            )
     if down.ndim == 4 and down.shape[2:] == (1, 1):
         down = down.flatten(1)
     if up.ndim == 4 and up.shape[2:] == (1, 1):
@@ -232,18 +256,19 @@ def _layer(
     rows = block.stop - block.start
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise InvalidLora(
-            f"layer {module!r}: shapes {tuple(down.shape)} (down) and {tuple(up.shape)} (up) "
+            f"layer {_shown(module)}: shapes {tuple(down.shape)} (down) and {tuple(up.shape)} (up) "
             "do not form a low-rank pair (down: rank x in, up: out x rank)",
             field=field,
         )
     rank = down.shape[0]
     if rank == 0:
         raise InvalidLora(
-            f"layer {module!r} has rank 0 (empty {_few(list(names))}); it would change nothing", field=field
+            f"layer {_shown(module)} has rank 0 (empty {_few(list(names))}); it would change nothing",
+            field=field,
         )
     if up.shape[0] != rows or down.shape[1] != block.in_features:
         raise InvalidLora(
-            f"layer {module!r}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
+            f"layer {_shown(module)}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
             f"{(rows, block.in_features)}; the LoRA was trained for a different model size",
             field=field,
         )
@@ -251,11 +276,11 @@ def _layer(
     if "alpha" in keys:
         alpha = tensors[keys["alpha"]]
         if alpha.numel() != 1:
-            raise InvalidLora(f"key {keys['alpha']!r} must be a scalar alpha", field=field)
+            raise InvalidLora(f"key {_shown(keys['alpha'])} must be a scalar alpha", field=field)
         if alpha.item() <= 0:
             raise InvalidLora(
-                f"key {keys['alpha']!r} has alpha {alpha.item():g}, which would zero or invert the layer; "
-                "save alpha = rank or leave it out",
+                f"key {_shown(keys['alpha'])} has alpha {alpha.item():g}, which would zero or invert the "
+                "layer; save alpha = rank or leave it out",
                 field=field,
             )
         scale = float(alpha.float().item()) / rank
@@ -269,12 +294,17 @@ def _check_overlaps(layers: list[LoraLayer], field: str) -> None:
             if layer.start < other.stop and other.start < layer.stop:
                 raise InvalidLora(
                     f"keys {_few(list(layer.keys))} and {_few(list(other.keys))} update the same rows of "
-                    f"{layer.target!r}; a file must name each layer once",
+                    f"{_shown(layer.target)}; a file must name each layer once",
                     field=field,
                 )
         seen.setdefault(layer.target, []).append(layer)
 
 
 def _few(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(repr(k) for k in keys[:n])
+    shown = ", ".join(_shown(k) for k in keys[:n])
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """A key from the file, quoted and cut short: messages stay one short line whatever it holds."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")

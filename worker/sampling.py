@@ -11,6 +11,7 @@ latent dtype, shape (1, 16, H/8, W/8), packed 2x2; decode ``latents / scaling + 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -205,13 +206,27 @@ def denoise(
     return latents
 
 
-def check_finite(values: Tensor, what: str, index: int) -> None:
-    """A render with NaN or infinity is never an image: fail the request, naming the prompt."""
-    if not bool(torch.isfinite(values).all()):
+# The denoised latents live at the VAE's normalized scale (about unit variance); ten thousand is a
+# model gone wrong (a LoRA alpha of 1e20 left them at 7.5e17, finite).
+MAX_LATENT = 1e4
+
+
+def check_finite(values: Tensor, what: str, index: int, limit: float | None = None) -> None:
+    """A render with NaN or infinity, or with values past ``limit``, is never an image: fail the
+    request, naming the prompt."""
+    peak = float(values.detach().abs().amax().float())  # NaN and infinity carry through
+    if not math.isfinite(peak):
         raise NonFiniteOutput(
             f"the {what} hold NaN or infinite values: the model left the range of its number format. "
             "Lower the LoRAs' network_multiplier or check the LoRA files (weights far outside the usual "
             "scale do this)",
+            field=f"prompts.{index}",
+        )
+    if limit is not None and peak > limit:
+        raise NonFiniteOutput(
+            f"the {what} reached {peak:.3g}, past {limit:g} (they sit near 1): the model diverged and "
+            "would render one flat image whatever the prompt. Lower the LoRAs' network_multiplier or "
+            "check the LoRA files (weights far outside the usual scale do this)",
             field=f"prompts.{index}",
         )
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import worker.lora as lora_module
 from tasks.errors import InvalidLora, NonFiniteOutput
 from tasks.schemas import ResolvedPrompt
 from tests import loras
@@ -345,14 +346,52 @@ def test_non_finite_unmerged_lora_in_preview_fails_never_renders(case, tmp_path,
     assert caught.value.field == (FIELD if case == "float64" else "prompts.0")
 
 
-def test_non_finite_latents_fail_the_render(tmp_path, engine_factory):
-    """A LoRA finite after the merge (final layer weights ~1e36) whose activations overflow."""
+def huge_final_layer(tmp_path, alpha: float | None = None, value: float = 1e18) -> Path:
+    """A LoRA finite after the merge whose change to the final layer is ~1e36 times its weights
+    (factors of ``value``), or one of ordinary factors with an ``alpha`` of 1e20."""
     module = "final_layer.linear"
     tensors = {
-        f"diffusion_model.{module}.lora_A.weight": torch.full((1, TINY.hidden_size), 1e18),
-        f"diffusion_model.{module}.lora_B.weight": torch.full((TINY.in_channels, 1), 1e18),
+        f"diffusion_model.{module}.lora_A.weight": torch.full((1, TINY.hidden_size), value),
+        f"diffusion_model.{module}.lora_B.weight": torch.full((TINY.in_channels, 1), value),
     }
-    path = loras.write(tmp_path / "huge.safetensors", tensors)
+    if alpha is not None:
+        tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
+    return loras.write(tmp_path / "huge.safetensors", tensors)
+
+
+@pytest.mark.parametrize("alpha, value", [(None, 1e18), (1e20, 0.1)], ids=["factors", "alpha"])
+def test_a_finite_merge_far_past_a_loras_scale_is_invalid_lora(alpha, value, tmp_path, engine_factory):
+    # Finite weights, yet the render would be one flat image for every prompt and seed.
+    path = huge_final_layer(tmp_path, alpha, value)
+    engine = engine_factory("none", "float32")
+    cached = len(engine.variants)
+    with pytest.raises(InvalidLora, match=r"final_layer\.linear.* times its own weights") as caught:
+        engine.generate([PROMPT], [lora_input(path)])
+    assert caught.value.field == FIELD and len(engine.variants) == cached
+
+
+def test_a_lora_at_an_ordinary_scale_passes_the_size_check(tmp_path, base_state):
+    parsed = parse(loras.write_ai_toolkit(tmp_path / "ok.safetensors", loras.random_lora()))
+    for multiplier in (2.0, -2.0):
+        merged(base_state, [(parsed, multiplier)])
+
+
+def test_diverged_latents_fail_the_render_even_when_finite(tmp_path, engine_factory, monkeypatch):
+    """Unmerged (preview), nothing is checked before the forward: an alpha of 1e20 leaves the
+    latents finite but enormous, one flat image whatever the prompt."""
+    engine = engine_factory("none", "float32")
+    with pytest.raises(NonFiniteOutput, match=r"the latents reached .* the model diverged") as caught:
+        engine.generate(
+            [PROMPT], [lora_input(huge_final_layer(tmp_path, alpha=1e20, value=0.1))], preview=True
+        )
+    assert caught.value.code == "non_finite_output" and caught.value.field == "prompts.0"
+
+
+def test_non_finite_latents_fail_the_render(tmp_path, engine_factory, monkeypatch):
+    """A LoRA finite after the merge (final layer weights ~1e36) whose activations overflow, let
+    past the merge's size check."""
+    monkeypatch.setattr(lora_module, "MAX_DELTA_RATIO", float("inf"))
+    path = huge_final_layer(tmp_path)
     engine = engine_factory("none", "float32")
     variant, _ = engine.get_variant([lora_input(path)])
     assert torch.isfinite(variant.model.final_layer.linear.weight).all()
@@ -373,3 +412,24 @@ def test_non_finite_pixels_fail_even_when_the_latents_are_finite(engine_factory,
     monkeypatch.setattr(engine.vae, "decode", overflowing_decode)
     with pytest.raises(NonFiniteOutput, match="decoded pixels"):
         engine.generate([PROMPT], [])
+
+
+def test_a_file_refused_once_is_refused_again_without_reading_it(tmp_path, engine_factory, monkeypatch):
+    engine = engine_factory("none", "float32")
+    path = loras.write(
+        tmp_path / "sdxl.safetensors", {"lora_unet_down_blocks_0.lora_down.weight": torch.ones(4, 8)}
+    )
+    reads = []
+    real = lora_module.parse_lora
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("worker.engine.parse_lora", counted)
+    fields = []
+    for field in ("loras.0", "loras.2"):
+        with pytest.raises(InvalidLora, match="match no Chroma|names a Chroma") as caught:
+            engine.parse_loras([loras.lora_input(path, 1.0, field=field)])
+        fields.append(caught.value.field)
+    assert fields == ["loras.0", "loras.2"] and len(reads) == 1

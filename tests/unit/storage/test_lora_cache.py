@@ -256,3 +256,22 @@ def test_header_parser_agrees_with_the_safetensors_library(tmp_path: Path) -> No
             continue  # the library loads these; a LoRA cache refuses them (empty / ambiguous)
         with pytest.raises(Exception):  # noqa: B017 - the library's own error types vary by case
             st.load(make())
+
+
+def test_a_header_of_a_hundred_thousand_tensors_is_refused_by_its_count(tmp_path: Path) -> None:
+    # Zero-size tensors cost the file nothing and a reader seconds and gigabytes each million.
+    entry = {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]}
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(_header({f"t{i}": entry for i in range(100_000)}))
+    with pytest.raises(InvalidLora, match="more than 200000 names"):
+        validate_safetensors_header(path, field=FIELD)
+
+
+def test_names_from_the_file_are_cut_short_in_messages(tmp_path: Path) -> None:
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(
+        _header({"x" * 1_000_000: {"dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}, b"\0\0")
+    )
+    with pytest.raises(InvalidLora) as info:
+        validate_safetensors_header(path, field=FIELD)
+    assert "xxx..." in info.value.message and len(info.value.message) < 400
