@@ -239,10 +239,12 @@ def _layer(
     names = tuple(sorted(keys.values()))
     for key in names:
         t = tensors[key]
-        if t.dtype not in (_ALPHA_DTYPES if key == keys.get("alpha") else _WEIGHT_DTYPES):
+        is_alpha = key == keys.get("alpha")
+        if t.dtype not in (_ALPHA_DTYPES if is_alpha else _WEIGHT_DTYPES):
+            kinds = "float16, bfloat16, float32 or float64" + (" or an integer" if is_alpha else "")
             raise InvalidLora(
-                f"key {_shown(key)} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
-                "float16, bfloat16 or float32",
+                f"key {_shown(key)} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                f"{'an alpha' if is_alpha else 'LoRA weights'} must be {kinds}",
                 field=field,
             )
         if not torch.isfinite(t).all():
