@@ -35,7 +35,9 @@ LONE_SURROGATE = "holds a lone surrogate (a \\ud800-style escape without its pai
 # Characters that draw nothing but are not Unicode whitespace or format characters: a prompt of
 # these and whitespace is as blank as an empty one.
 BLANK_GLYPHS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
-INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# Unassigned and private-use code points are not among them: a newer emoji than this Python knows
+# is unassigned here, and still something to draw.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 SIZE_MULTIPLE = 32
 MIN_SIDE = 64
 MAX_SIDE = 4096  # the hard cap; CHROMA_MAX_SIDE may lower it
@@ -93,7 +95,7 @@ def valid_unicode(value: str | None) -> str | None:
 
 def is_blank(text: str) -> bool:
     """Nothing to see: whitespace, control and format characters (zero-width, bidirectional
-    marks), unassigned code points and the blank glyphs (braille blank, Hangul fillers) only."""
+    marks) and the blank glyphs (braille blank, Hangul fillers) only."""
     return all(
         ch.isspace() or ch in BLANK_GLYPHS or unicodedata.category(ch) in INVISIBLE_CATEGORIES for ch in text
     )
