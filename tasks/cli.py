@@ -15,6 +15,7 @@ checked as they are parsed (``tasks.cli_input``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -251,8 +252,11 @@ def command_status(args: argparse.Namespace) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     settings = default_settings()
-    # Validate before importing the GPU side: a bad request fails fast, torch-free.
-    request = validate_request(read_request(args.request, settings.max_request_bytes), settings.limits)
+    # Validate before importing the GPU side: a bad request fails fast, torch-free. LoRAs come from a
+    # folder here (``s3://bucket/key`` is ``<folder>/bucket/key``): a key and an s3:// path never
+    # name the same file, so the LoRA bucket is not theirs to share.
+    limits = dataclasses.replace(settings.limits, lora_bucket="")
+    request = validate_request(read_request(args.request, settings.max_request_bytes), limits)
     try:
         from worker.local import run_local
     except ModuleNotFoundError as exc:

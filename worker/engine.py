@@ -167,6 +167,7 @@ class Engine:
         self.blocks = self.recipe.blocks()
         t5 = time.perf_counter()
         self.texts = TextEncoder(self.tokenizer, self.text_encoder, kept=TEXT_EMBEDDINGS_KEPT)
+        dev.sync(self.device)
         self.load_seconds = {
             "resolve": t1 - t0,
             "weights_read": t2 - t1,
@@ -273,11 +274,13 @@ class Engine:
                     lora.path, self.cfg, field=lora.field
                 )
             except InvalidLora as exc:
-                self._refused[lora.sha256] = exc.message
-                _keep_newest(self._refused, PARSED_LORAS_KEPT * 4)
+                if not isinstance(exc.__cause__, OSError | RuntimeError):  # the bytes, not the reading
+                    self._refused[lora.sha256] = exc.message
+                    _keep_newest(self._refused, PARSED_LORAS_KEPT * 4)
                 raise
             self._parsed[lora.sha256] = parsed
-            out.append((parsed, lora.multiplier))
+            # Errors of the merge name this request's field, not the one that parsed the file first.
+            out.append((dataclasses.replace(parsed, field=lora.field), lora.multiplier))
         _keep_newest(self._parsed, PARSED_LORAS_KEPT)
         return out
 

@@ -171,12 +171,13 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
             base = torch.linalg.vector_norm(rows, dtype=torch.float32)
             delta = (up @ down) * (layer.scale * multiplier)
             rows.copy_(rows + delta)
-            ratio = torch.linalg.vector_norm(delta, dtype=torch.float32) / base
-            merged.append((torch.isfinite(rows).all(), ratio, layer, parsed, multiplier))
+            norms = torch.stack([torch.linalg.vector_norm(delta, dtype=torch.float32), base])
+            merged.append((torch.isfinite(rows).all(), norms, layer, parsed, multiplier))
+            del delta  # before the next layer's product
     if not merged:
         return
-    finite = torch.stack([ok for ok, *_ in merged]).cpu()
-    ratios = torch.stack([ratio for _, ratio, *_ in merged]).cpu()
+    checks = torch.stack([torch.cat([ok.float().reshape(1), norms]) for ok, norms, *_ in merged]).cpu()
+    finite, changed, own = checks[:, 0] == 1, checks[:, 1], checks[:, 2]
     if not bool(finite.all()):
         _, _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
         raise InvalidLora(
@@ -185,13 +186,14 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
             "scale; re-export the LoRA or lower network_multiplier",
             field=parsed.field,
         )
-    too_big = ~(ratios <= MAX_DELTA_RATIO)  # a NaN ratio (all-zero rows changed) counts as too big
+    too_big = ~(changed <= MAX_DELTA_RATIO * own)  # rows of zeros may stay zeros, nothing more
     if bool(too_big.any()):
         index = int(too_big.nonzero()[0])
         _, _, layer, parsed, multiplier = merged[index]
+        ratio = float(changed[index] / own[index]) if own[index] > 0 else float("inf")
         raise InvalidLora(
             f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} changes "
-            f"{_shown(layer.target)} by {float(ratios[index]):.3g} times its own weights (a LoRA changes "
+            f"{_shown(layer.target)} by {ratio:.3g} times its own weights (a LoRA changes "
             f"them by a fraction; more than {MAX_DELTA_RATIO:g} times renders one flat image whatever the "
             "prompt): its values (or its alpha) are far outside a LoRA's usual scale; re-export the LoRA "
             "or lower network_multiplier",

@@ -290,3 +290,16 @@ def test_run_with_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     one_error_line(out, 1, "error: settings: CHROMA_TRANSFORMER: ")
     assert time.monotonic() - started < 30  # refused before any model is loaded
+
+
+def test_a_key_and_an_s3_path_of_one_name_are_one_lora_in_storage_two_files_locally(tmp_path: Path) -> None:
+    # In S3 a key resolves in the LoRA bucket; a local run reads s3://bucket/key as <folder>/bucket/key.
+    request = tmp_path / "two.json"
+    loras = [{"path": "x.safetensors"}, {"path": "s3://loras/x.safetensors"}]
+    request.write_text(json.dumps({"model": "chroma", "prompts": [{"prompt": "a"}], "loras": loras}))
+    one_error_line(cli("validate", str(request)), 2, "error: loras.1.path: the same LoRA as loras.0.path")
+    out = cli(
+        "run", str(request), "--lora-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu",
+        env={"CHROMA_TRANSFORMER": str(tmp_path / "absent.safetensors"), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    one_error_line(out, 1, "error: settings: CHROMA_TRANSFORMER: ")  # validated; stopped by the setting

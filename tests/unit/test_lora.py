@@ -391,7 +391,8 @@ def test_non_finite_latents_fail_the_render(tmp_path, engine_factory, monkeypatc
     """A LoRA finite after the merge (final layer weights ~1e36) whose activations overflow, let
     past the merge's size check."""
     monkeypatch.setattr(lora_module, "MAX_DELTA_RATIO", float("inf"))
-    path = huge_final_layer(tmp_path)
+    # Content of its own: the variant built past the check stays in the shared engine's cache.
+    path = huge_final_layer(tmp_path, value=3e18)
     engine = engine_factory("none", "float32")
     variant, _ = engine.get_variant([lora_input(path)])
     assert torch.isfinite(variant.model.final_layer.linear.weight).all()
@@ -433,3 +434,28 @@ def test_a_file_refused_once_is_refused_again_without_reading_it(tmp_path, engin
             engine.parse_loras([loras.lora_input(path, 1.0, field=field)])
         fields.append(caught.value.field)
     assert fields == ["loras.0", "loras.2"] and len(reads) == 1
+
+
+def test_a_file_that_could_not_be_read_is_read_again_next_time(tmp_path, engine_factory):
+    # Gone between fetch and parse (another process evicted it): the reading failed, not the bytes.
+    engine = engine_factory("none", "float32")
+    path = loras.write_ai_toolkit(tmp_path / "ok.safetensors", loras.random_lora())
+    lora = lora_input(path)
+    away = path.rename(tmp_path / "away.safetensors")
+    with pytest.raises(InvalidLora, match="not a readable safetensors file"):
+        engine.parse_loras([lora])
+    away.rename(path)
+    assert engine.parse_loras([lora])[0][0].num_layers > 0
+
+
+def test_a_merge_error_names_the_field_of_the_request_at_hand(tmp_path, engine_factory):
+    engine = engine_factory("none", "float32")
+    good = loras.lora_input(
+        loras.write_ai_toolkit(tmp_path / "good.safetensors", loras.random_lora()), 1.0, field="loras.0"
+    )
+    huge = huge_final_layer(tmp_path)
+    with pytest.raises(InvalidLora) as first:
+        engine.generate([PROMPT], [loras.lora_input(huge, 1.0, field="loras.0")])
+    with pytest.raises(InvalidLora) as second:
+        engine.generate([PROMPT], [good, loras.lora_input(huge, 1.0, field="loras.1")])
+    assert (first.value.field, second.value.field) == ("loras.0", "loras.1")
