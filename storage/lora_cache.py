@@ -42,6 +42,7 @@ from botocore.client import BaseClient
 from storage.keys import uri
 from storage.s3 import storage_errors, strip_etag
 from tasks.errors import InvalidLora
+from tasks.request_text import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ def validate_safetensors_header(
     for begin, end, name in spans:
         if begin != position:
             raise InvalidLora(
-                f"tensor {_name(name)} starts at data byte {begin}, expected {position} "
+                f"tensor {quoted(name)} starts at data byte {begin}, expected {position} "
                 "(overlapping or missing data): the file is corrupt",
                 field=field,
             )
@@ -410,15 +411,15 @@ def _tensor_span(name: str, entry: Any, field: str | None) -> tuple[int, int, st
     """(begin, end, name) of one header entry after checking dtype, shape and byte length."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InvalidLora(
-            f"tensor {_name(name)} header entry must have exactly dtype, shape and data_offsets", field=field
+            f"tensor {quoted(name)} header entry must have exactly dtype, shape and data_offsets", field=field
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_BITS:
-        raise InvalidLora(f"tensor {_name(name)} has unknown dtype {_name(str(dtype))}", field=field)
+        raise InvalidLora(f"tensor {quoted(name)} has unknown dtype {quoted(str(dtype))}", field=field)
     if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-        raise InvalidLora(f"tensor {_name(name)} shape must be a list of non-negative integers", field=field)
+        raise InvalidLora(f"tensor {quoted(name)} shape must be a list of non-negative integers", field=field)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise InvalidLora(f"tensor {_name(name)} data_offsets must be [begin, end] integers", field=field)
+        raise InvalidLora(f"tensor {quoted(name)} data_offsets must be [begin, end] integers", field=field)
     begin, end = offsets
     numel = 1
     for dim in shape:
@@ -426,7 +427,7 @@ def _tensor_span(name: str, entry: Any, field: str | None) -> tuple[int, int, st
     bits = numel * DTYPE_BITS[dtype]
     if end < begin or bits % 8 or end - begin != bits // 8:
         raise InvalidLora(
-            f"tensor {_name(name)} spans bytes {begin}..{end} but {dtype} {shape} needs {bits / 8:g} bytes: "
+            f"tensor {quoted(name)} spans bytes {begin}..{end} but {dtype} {shape} needs {bits / 8:g} bytes: "
             "the file is corrupt",
             field=field,
         )
@@ -452,14 +453,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in pairs:
         if name in out:
-            raise ValueError(f"duplicate key {_name(name)}")
+            raise ValueError(f"duplicate key {quoted(name)}")
         out[name] = value
     return out
-
-
-def _name(text: str, limit: int = 120) -> str:
-    """A name from the file, quoted and cut short: messages stay one short line whatever it holds."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _bad_length_message(prefix: bytes, header_len: int, file_size: int) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from tasks.request_text import shown, utf8_bytes
+from tasks.request_text import quoted, shown, utf8_bytes
 
 MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
 MAX_TASK_ID_CHARS = 128
@@ -83,17 +83,13 @@ def _unfetched_url(path: str) -> str:
         if not key:
             return "LoRA path names a bucket but no key; give s3://bucket/job/lora.safetensors"
         return (
-            f"LoRA path's bucket {_shown_bucket(bucket)} is not a bucket name (3-63 lowercase letters, "
+            f"LoRA path's bucket {quoted(bucket, 70)} is not a bucket name (3-63 lowercase letters, "
             "digits, '.' and '-'); give s3://bucket/key"
         )
     return (
         "LoRA path must be a key relative to the LoRA prefix or s3://bucket/key; "
         "other URL schemes are not fetched"
     )
-
-
-def _shown_bucket(bucket: str) -> str:
-    return repr(bucket[:70] + ("..." if len(bucket) > 70 else ""))
 
 
 def first_refused_character(text: str) -> tuple[int, str] | None:
@@ -123,14 +119,18 @@ def lora_key(path: str, lora_prefix: str) -> str:
     return match.group("key") if match else join_key(lora_prefix, path)
 
 
-def lora_key_bytes(path: str, lora_prefix: str) -> int:
-    """``key_bytes(lora_key(path, lora_prefix))``, without judging the prefix (a setting: the worker
-    refuses a bad one where it builds the key)."""
+def lora_object_key(path: str, lora_prefix: str) -> str:
+    """``lora_key(path, lora_prefix)`` without judging the prefix (a setting: the worker refuses a
+    bad one where it builds the key)."""
     match = S3_URI.match(path)
     if match:
-        return key_bytes(match.group("key"))
+        return match.group("key")
     prefix = lora_prefix.strip("/")
-    return key_bytes(path) + (key_bytes(prefix) + 1 if prefix else 0)
+    return f"{prefix}/{path}" if prefix else path
+
+
+def lora_key_bytes(path: str, lora_prefix: str) -> int:
+    return key_bytes(lora_object_key(path, lora_prefix))
 
 
 def key_bytes(key: str) -> int:

@@ -9,6 +9,8 @@ schema sees it. Every problem is ``InvalidRequest`` naming where it is (``reques
 - Nesting deeper than ``MAX_DEPTH`` is refused (a valid request has three levels), and so is an
   integer longer than ``MAX_INTEGER_DIGITS`` (out of every range, and too long to print).
 - Keys must be strings (a dict from the Python API may hold others).
+- Every text value must be valid Unicode: a lone surrogate (which a ``\ud800`` escape can carry)
+  is refused, naming its field.
 
 ``shown(value)`` is how any user-supplied value appears in a message: repr-escaped (one line, no
 control or invisible characters) and cut short.
@@ -26,6 +28,7 @@ from tasks.errors import InvalidRequest
 MAX_DEPTH = 8  # request -> prompts -> prompt -> value is 3
 MAX_INTEGER_DIGITS = 100
 SHOWN_CHARS = 60
+LONE_SURROGATE = "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
 _INTEGER_BOUND = 10**MAX_INTEGER_DIGITS
 _BOM = "\ufeff"
 _FIELD_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -110,6 +113,12 @@ def utf8_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def quoted(text: str, limit: int = 120) -> str:
+    """A name from a file (a tensor key, a bucket), quoted and cut short: a message stays one short
+    line whatever the file holds."""
+    return one_line(repr(text if len(text) <= limit else text[:limit] + "..."))
+
+
 def one_line(text: str) -> str:
     """``text`` with every character that is not printable escaped: one line, no terminal controls."""
     if text.isprintable():
@@ -174,7 +183,7 @@ class _Walk:
         ):
             raise InvalidRequest(f"{shown(value)} is out of range", field=field_path(path))
         if isinstance(value, str):
-            self.spend(2 + (len(value) if value.isascii() else utf8_bytes(value)))
+            self.spend(2 + (len(value) if value.isascii() else _unicode_bytes(value, path)))
         elif isinstance(value, dict | list):
             self.visit_container(value, path)
         elif isinstance(value, int | float):
@@ -203,6 +212,13 @@ class _Walk:
                 )
             self.spend(4 + utf8_bytes(key))
             self.visit(item, (*path, key))
+
+
+def _unicode_bytes(text: str, path: tuple[Any, ...]) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(LONE_SURROGATE, field=field_path(path)) from None
 
 
 def _plain_name(part: Any) -> bool:

@@ -25,13 +25,12 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from tasks.errors import InvalidRequest
-from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key, lora_key_bytes
+from tasks.keys import MAX_KEY_BYTES, check_lora_path_shape, lora_bucket, lora_key_bytes, lora_object_key
 from tasks.request_text import check_shape, field_path, one_line, parse_json, shown
 
 KNOWN_MODELS = ("chroma",)
 MAX_MULTIPLIER = 2.0
 ITEM_EXAMPLES = {"PromptSpec": '{"prompt": "a photo"}', "LoraSpec": '{"path": "job/lora.safetensors"}'}
-LONE_SURROGATE = "holds a lone surrogate (a \\ud800-style escape without its pair); send valid Unicode"
 # Characters that draw nothing but are not Unicode whitespace or format characters: a prompt of
 # these and whitespace is as blank as an empty one.
 BLANK_GLYPHS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
@@ -81,16 +80,6 @@ def _positive_zero(value: float) -> float:
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_positive_zero)]
-
-
-def valid_unicode(value: str | None) -> str | None:
-    """``value`` unchanged; a lone surrogate (which JSON's ``\\ud800`` escapes can carry) refused."""
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(LONE_SURROGATE) from None
-    return value
 
 
 def is_blank(text: str) -> bool:
@@ -152,11 +141,9 @@ class PromptSpec(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if is_blank(valid_unicode(value)):
+        if is_blank(value):
             raise ValueError("prompt is blank (nothing visible); write the text to generate")
         return value
-
-    _texts = field_validator("trigger_word", "neg")(classmethod(lambda cls, value: valid_unicode(value)))
 
 
 class GenerationRequest(BaseModel):
@@ -176,7 +163,6 @@ class GenerationRequest(BaseModel):
     match_target_res: None = None
 
     _nulls = model_validator(mode="before")(classmethod(_nulls_mean_default))
-    _texts = field_validator("trigger_word")(classmethod(lambda cls, value: valid_unicode(value)))
 
     @field_validator("model")
     @classmethod
@@ -356,7 +342,7 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 field=f"loras.{i}.path",
             )
         # The same file twice would merge at the sum of its multipliers, past their limit.
-        where = _lora_identity(lora.path, bucket, limits)
+        where = (bucket or limits.lora_bucket, lora_object_key(lora.path, limits.lora_prefix))
         if where in seen:
             raise InvalidRequest(
                 f"the same LoRA as loras.{seen[where]}.path; list each LoRA once, with one "
@@ -364,15 +350,6 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
                 field=f"loras.{i}.path",
             )
         seen[where] = i
-
-
-def _lora_identity(path: str, bucket: str | None, limits: Limits) -> tuple[str, str]:
-    """(bucket, key) a LoRA path reads, for telling two paths of one file apart; a prefix the worker
-    would refuse is left to it (``storage.keys.lora_location`` names it)."""
-    if bucket is not None:
-        return bucket, lora_key(path, "")
-    prefix = limits.lora_prefix.strip("/")
-    return limits.lora_bucket, f"{prefix}/{path}" if prefix else path
 
 
 def _check_text_length(text: str | None, field: str, limits: Limits) -> None:
@@ -405,8 +382,6 @@ def _describe(err: ErrorDetails) -> str:
         return "not supported here; remove it or set it to null"
     if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return "must be a finite number (NaN and infinity are not allowed)"
-    if kind == "string_unicode":
-        return LONE_SURROGATE
     if kind == "model_type":  # a list item that is not an object
         example = ITEM_EXAMPLES.get(err.get("ctx", {}).get("class_name"), "{...}")
         return f"must be a JSON object like {example}, got {_kind(value)}"

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from tasks.errors import InvalidLora
+from tasks.request_text import quoted
 from worker.checkpoint import RowBlock, linear_map
 from worker.chroma_model import ChromaConfig
 
@@ -128,7 +129,7 @@ def parse_lora(path: Path, cfg: ChromaConfig, *, field: str = "lora") -> ParsedL
         slot = groups.setdefault(module, {})
         if kind in slot:
             raise InvalidLora(
-                f"keys {_shown(slot[kind])} and {_shown(key)} name the same weight", field=field
+                f"keys {quoted(slot[kind])} and {quoted(key)} name the same weight", field=field
             )
         slot[kind] = key
     if not groups:
@@ -159,7 +160,7 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
     one flat image whatever the prompt), is an ``InvalidLora`` naming the keys. The checks cost
     one device sync per call, not one per layer.
     """
-    merged: list[tuple[Tensor, Tensor, LoraLayer, ParsedLora, float]] = []
+    merged: list[tuple[Tensor, LoraLayer, ParsedLora, float]] = []
     for parsed, multiplier in loras:
         if multiplier == 0:  # exactly the base weights, even where a delta would overflow the dtype
             continue
@@ -171,29 +172,36 @@ def merge_into(weights: dict[str, Tensor], loras: list[tuple[ParsedLora, float]]
             base = torch.linalg.vector_norm(rows, dtype=torch.float32)
             delta = (up @ down) * (layer.scale * multiplier)
             rows.copy_(rows + delta)
-            norms = torch.stack([torch.linalg.vector_norm(delta, dtype=torch.float32), base])
-            merged.append((torch.isfinite(rows).all(), norms, layer, parsed, multiplier))
+            # (finite, size of the change, size of the rows): read for every layer at once below
+            check = torch.stack(
+                [
+                    torch.isfinite(rows).all().float(),
+                    torch.linalg.vector_norm(delta, dtype=torch.float32),
+                    base,
+                ]
+            )
+            merged.append((check, layer, parsed, multiplier))
             del delta  # before the next layer's product
     if not merged:
         return
-    checks = torch.stack([torch.cat([ok.float().reshape(1), norms]) for ok, norms, *_ in merged]).cpu()
-    finite, changed, own = checks[:, 0] == 1, checks[:, 1], checks[:, 2]
+    finite, changed, own = torch.stack([check for check, *_ in merged]).cpu().unbind(1)
+    finite = finite == 1
     if not bool(finite.all()):
-        _, _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
+        _, layer, parsed, multiplier = merged[int((~finite).nonzero()[0])]
         raise InvalidLora(
             f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} gives NaN or infinite "
-            f"weights in {_shown(layer.target)}: its values (or its alpha) are far outside a LoRA's usual "
+            f"weights in {quoted(layer.target)}: its values (or its alpha) are far outside a LoRA's usual "
             "scale; re-export the LoRA or lower network_multiplier",
             field=parsed.field,
         )
     too_big = ~(changed <= MAX_DELTA_RATIO * own)  # rows of zeros may stay zeros, nothing more
     if bool(too_big.any()):
         index = int(too_big.nonzero()[0])
-        _, _, layer, parsed, multiplier = merged[index]
+        _, layer, parsed, multiplier = merged[index]
         ratio = float(changed[index] / own[index]) if own[index] > 0 else float("inf")
         raise InvalidLora(
             f"merging keys {_few(list(layer.keys))} at multiplier {multiplier:g} changes "
-            f"{_shown(layer.target)} by {ratio:.3g} times its own weights (a LoRA changes "
+            f"{quoted(layer.target)} by {ratio:.3g} times its own weights (a LoRA changes "
             f"them by a fraction; more than {MAX_DELTA_RATIO:g} times renders one flat image whatever the "
             "prompt): its values (or its alpha) are far outside a LoRA's usual scale; re-export the LoRA "
             "or lower network_multiplier",
@@ -207,7 +215,7 @@ def _read(path: Path, field: str) -> dict[str, Tensor]:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidLora(
-            f"not a readable safetensors file ({_shown(str(exc), 300)}); upload the .safetensors file",
+            f"not a readable safetensors file ({quoted(str(exc), 300)}); upload the .safetensors file",
             field=field,
         ) from exc
 
@@ -236,7 +244,7 @@ def _layer(
     if "down" not in keys or "up" not in keys:
         have = _few(sorted(keys.values()))
         missing = "down (lora_A)" if "down" not in keys else "up (lora_B)"
-        raise InvalidLora(f"layer {_shown(module)} lacks its {missing} matrix (has {have})", field=field)
+        raise InvalidLora(f"layer {quoted(module)} lacks its {missing} matrix (has {have})", field=field)
     down, up = tensors[keys["down"]], tensors[keys["up"]]
     names = tuple(sorted(keys.values()))
     for key in names:
@@ -245,13 +253,13 @@ def _layer(
         if t.dtype not in (_ALPHA_DTYPES if is_alpha else _WEIGHT_DTYPES):
             kinds = "float16, bfloat16, float32 or float64" + (" or an integer" if is_alpha else "")
             raise InvalidLora(
-                f"key {_shown(key)} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                f"key {quoted(key)} has dtype {str(t.dtype).removeprefix('torch.')}; "
                 f"{'an alpha' if is_alpha else 'LoRA weights'} must be {kinds}",
                 field=field,
             )
         if not torch.isfinite(t).all():
             raise InvalidLora(
-                f"key {_shown(key)} holds NaN or infinite values; the file is corrupt", field=field
+                f"key {quoted(key)} holds NaN or infinite values; the file is corrupt", field=field
             )
     if down.ndim == 4 and down.shape[2:] == (1, 1):
         down = down.flatten(1)
@@ -260,19 +268,19 @@ def _layer(
     rows = block.stop - block.start
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise InvalidLora(
-            f"layer {_shown(module)}: shapes {tuple(down.shape)} (down) and {tuple(up.shape)} (up) "
+            f"layer {quoted(module)}: shapes {tuple(down.shape)} (down) and {tuple(up.shape)} (up) "
             "do not form a low-rank pair (down: rank x in, up: out x rank)",
             field=field,
         )
     rank = down.shape[0]
     if rank == 0:
         raise InvalidLora(
-            f"layer {_shown(module)} has rank 0 (empty {_few(list(names))}); it would change nothing",
+            f"layer {quoted(module)} has rank 0 (empty {_few(list(names))}); it would change nothing",
             field=field,
         )
     if up.shape[0] != rows or down.shape[1] != block.in_features:
         raise InvalidLora(
-            f"layer {_shown(module)}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
+            f"layer {quoted(module)}: delta shape {(up.shape[0], down.shape[1])} does not fit the model's "
             f"{(rows, block.in_features)}; the LoRA was trained for a different model size",
             field=field,
         )
@@ -280,10 +288,10 @@ def _layer(
     if "alpha" in keys:
         alpha = tensors[keys["alpha"]]
         if alpha.numel() != 1:
-            raise InvalidLora(f"key {_shown(keys['alpha'])} must be a scalar alpha", field=field)
+            raise InvalidLora(f"key {quoted(keys['alpha'])} must be a scalar alpha", field=field)
         if alpha.item() <= 0:
             raise InvalidLora(
-                f"key {_shown(keys['alpha'])} has alpha {alpha.item():g}, which would zero or invert the "
+                f"key {quoted(keys['alpha'])} has alpha {alpha.item():g}, which would zero or invert the "
                 "layer; save alpha = rank or leave it out",
                 field=field,
             )
@@ -298,17 +306,12 @@ def _check_overlaps(layers: list[LoraLayer], field: str) -> None:
             if layer.start < other.stop and other.start < layer.stop:
                 raise InvalidLora(
                     f"keys {_few(list(layer.keys))} and {_few(list(other.keys))} update the same rows of "
-                    f"{_shown(layer.target)}; a file must name each layer once",
+                    f"{quoted(layer.target)}; a file must name each layer once",
                     field=field,
                 )
         seen.setdefault(layer.target, []).append(layer)
 
 
 def _few(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(_shown(k) for k in keys[:n])
+    shown = ", ".join(quoted(k) for k in keys[:n])
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _shown(text: str, limit: int = 120) -> str:
-    """A key from the file, quoted and cut short: messages stay one short line whatever it holds."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
